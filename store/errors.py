@@ -1,0 +1,58 @@
+"""Typed errors of the storage engine.
+
+Applications map these to HTTP status codes in one place each (see
+``adapter/errors.py`` and ``querier/errors.py``); messages never start with
+"failed to" and carry the context a user needs (series, timestamp, key).
+"""
+
+
+class StorageError(Exception):
+    """Base class of every error raised by ``store``."""
+
+
+class InvalidMatcher(StorageError, ValueError):
+    """A label matcher that cannot be compiled (bad regular expression)."""
+
+
+class SampleRejected(StorageError):
+    """A sample the head will not take; subclasses name the reason (a metric label)."""
+
+    reason = "rejected"
+
+
+class OutOfOrderSample(SampleRejected):
+    reason = "out_of_order"
+
+
+class DuplicateSample(SampleRejected):
+    """Same timestamp as the series' last sample but a different value."""
+
+    reason = "duplicate_timestamp"
+
+
+class OutOfBounds(SampleRejected):
+    """Timestamp outside the window the head accepts (too old or too far ahead)."""
+
+    reason = "out_of_bounds"
+
+
+class InvalidLabels(SampleRejected):
+    """Empty/duplicate label names, invalid UTF-8, missing metric name."""
+
+    reason = "invalid_labels"
+
+
+class CorruptChunk(StorageError, ValueError):
+    """Chunk bytes that do not decode."""
+
+
+class DecodeError(StorageError, ValueError):
+    """Bytes of a wire format (protobuf, snappy, WAL record) that do not decode."""
+
+
+class UnsupportedVersion(StorageError, ValueError):
+    """A persisted format with a version this reader does not know."""
+
+
+class WALError(StorageError):
+    """The write-ahead log could not persist or read records; retrying may help."""

@@ -1,0 +1,64 @@
+"""The narrow read interfaces every data source implements (Prometheus ``storage/interface.go``).
+
+The head, blocks, the merged view and the gRPC client of a remote head all
+implement ``Querier``; the PromQL engine, remote read and the compactor only
+ever see this interface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Protocol, Sequence
+
+import numpy as np
+
+from store.chunks import Chunk
+from store.labels import Labels
+from store.matchers import Matcher
+
+
+@dataclass(frozen=True, slots=True)
+class SelectHints:
+    """What the caller will do with the data; implementations may use it to read less.
+
+    ``start``/``end`` bound the samples needed (ms); ``step`` and ``range`` are
+    those of the PromQL evaluation (ms, 0 when not applicable), ``func`` the
+    function applied to the selection, if any.
+    """
+
+    start: int
+    end: int
+    step: int = 0
+    range: int = 0
+    func: str = ""
+
+
+class Series(Protocol):
+    """One series of a selection. ``labels`` is immutable; the data methods may be called repeatedly."""
+
+    labels: Labels
+
+    def samples(self) -> tuple[np.ndarray, np.ndarray]:
+        """Timestamps (int64 ms, strictly increasing) and values (float64) in the selected range."""
+
+    def chunks(self) -> Iterator[Chunk]:
+        """Encoded chunks covering the selected range, in time order, as stored (not re-cut)."""
+
+
+class Querier(Protocol):
+    """Reads series by label matchers and time.
+
+    Thread-safe: a querier may be used by many queries at once. Results are a
+    consistent snapshot of what was committed when ``select`` returned; later
+    appends do not change a returned series.
+    """
+
+    def select(self, matchers: Sequence[Matcher], mint: int, maxt: int,
+               hints: SelectHints | None = None) -> list[Series]:
+        """Series matching all ``matchers`` with samples in ``[mint, maxt]``, sorted by labels."""
+
+    def label_names(self, matchers: Sequence[Matcher], mint: int, maxt: int) -> list[str]:
+        """Sorted label names of the series matching ``matchers`` (all series if none)."""
+
+    def label_values(self, name: str, matchers: Sequence[Matcher], mint: int, maxt: int) -> list[str]:
+        """Sorted values of label ``name`` among the series matching ``matchers``."""
