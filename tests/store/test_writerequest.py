@@ -1,0 +1,100 @@
+"""The numba WriteRequest scanner against Google's protobuf encoder (tests/prompb_ref.py)."""
+
+import struct
+
+import numpy as np
+import pytest
+import xxhash
+from hypothesis import given, settings, strategies as st
+
+from store.errors import DecodeError
+from store.labels import Labels
+from store.writerequest import HAS_HISTOGRAMS, NEEDS_SLOW_PATH, S_FLAGS, S_HIST, decode
+from tests import prompb_ref
+
+label_text = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(
+    st.dictionaries(label_text, label_text, min_size=1, max_size=5),
+    st.lists(st.tuples(st.integers(-2**62, 2**62), st.floats(allow_nan=False)), max_size=4)), max_size=6))
+def test_decodes_what_protobuf_encodes(series):
+    body = prompb_ref.write_request([(sorted(d.items()), s) for d, s in series])
+    req = decode(body)
+    assert req.num_series == len(series)
+    k = 0
+    for i, (d, samples) in enumerate(series):
+        pairs = sorted((n.encode(), v.encode()) for n, v in d.items())
+        assert req.label_pairs(i) == pairs
+        canonical = Labels.from_dict(d).canonical()
+        if not req.series[i, S_FLAGS] & NEEDS_SLOW_PATH:
+            assert req.key(i) == canonical
+            assert int(req.hashes[i]) == xxhash.xxh64_intdigest(canonical)
+        for t, v in samples:
+            assert req.ts[k] == t
+            assert req.vbits[k] == struct.unpack("<Q", struct.pack("<d", v))[0]
+            assert req.sample_series[k] == i
+            k += 1
+    assert req.num_samples == k
+
+
+def test_value_bits_preserved_for_nan_payloads_and_stale_marker():
+    stale = struct.unpack("<d", struct.pack("<Q", 0x7FF0000000000002))[0]
+    body = prompb_ref.write_request([([("__name__", "x")], [(1, stale), (2, float("-inf")), (3, -0.0)])])
+    req = decode(body)
+    assert req.vbits.tolist() == [0x7FF0000000000002, 0xFFF0000000000000, 0x8000000000000000]
+
+
+@pytest.mark.parametrize("pairs", [
+    [("b", "1"), ("a", "2")],       # unsorted
+    [("a", "1"), ("a", "2")],       # duplicate name
+    [("", "1"), ("a", "2")],        # empty name
+    [("a", ""), ("b", "2")],        # empty value (Prometheus drops it)
+], ids=["unsorted", "duplicate", "empty_name", "empty_value"])
+def test_non_canonical_labels_take_the_slow_path(pairs):
+    req = decode(prompb_ref.write_request([(pairs, [(1, 1.0)])]))
+    assert req.series[0, S_FLAGS] & NEEDS_SLOW_PATH
+
+
+def test_histograms_are_counted_and_exemplars_metadata_skipped():
+    r = prompb_ref.WriteRequest()
+    ts = r.timeseries.add()
+    ts.labels.add(name="__name__", value="h")
+    ts.samples.add(timestamp=5, value=1.5)
+    ts.exemplars.add(value=3, timestamp=5).labels.add(name="trace_id", value="abc")
+    ts.histograms.add(timestamp=5)
+    ts.histograms.add(timestamp=6)
+    r.metadata.add(type=1, metric_family_name="h", help="help")
+    req = decode(r.SerializeToString())
+    assert req.num_series == 1 and req.ts.tolist() == [5]
+    assert req.series[0, S_FLAGS] & HAS_HISTOGRAMS and req.series[0, S_HIST] == 2
+
+
+def test_empty_request():
+    req = decode(b"")
+    assert req.num_series == 0 and req.num_samples == 0
+
+
+@pytest.mark.parametrize("body", [
+    b"\x0a\x05\x0a\x03",              # length runs past the end
+    b"\x0a",                          # truncated length varint
+    b"\x0b",                          # group wire type
+    b"\x08\x01",                      # timeseries field with varint wire type
+    b"\x0a\x04\x12\x02\x09\x00",      # truncated fixed64 value
+    b"\x0a\x02\x12\x80",              # truncated varint inside a sample
+    b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff",  # overlong varint
+], ids=["overrun", "truncated_len", "group", "wrong_wire_type", "short_fixed64", "short_varint", "overlong"])
+def test_malformed_protobuf_raises_decode_error(body):
+    with pytest.raises(DecodeError, match="invalid protobuf WriteRequest"):
+        decode(body)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_garbage_never_crashes(data):
+    try:
+        req = decode(data)
+    except DecodeError:
+        return
+    assert req.num_samples <= len(data)
