@@ -1,0 +1,66 @@
+"""Wiring of ``flashback up``: every component in one process, on one HTTP port."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from adapter.remote_read import RemoteReadHandler
+from adapter.remote_write import RemoteWriteHandler
+from flashback.config import Options
+from querier.api import QueryAPI
+from querier.engine import Engine
+from store.db import DB
+from store.httpserver import HTTPServer, Request, Response, Router
+
+log = logging.getLogger(__name__)
+
+
+class App:
+    """The all-in-one server. ``start`` serves; ``close`` checkpoints and stops."""
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.registry = CollectorRegistry()
+        self._ready = False
+        os.makedirs(options.data_dir, exist_ok=True)
+        self.db = DB.open(options.data_dir, options.db, registry=self.registry)
+        router = Router()
+        RemoteWriteHandler(self.db.append, max_body_bytes=options.max_body_bytes).route(router)
+        RemoteReadHandler(lambda: self.db.head, registry=self.registry).route(router)
+        engine = Engine(lookback_delta_ms=options.query.lookback_delta_ms, max_samples=options.query.max_samples,
+                        timeout_s=options.query.timeout_s)
+        router.include(QueryAPI(lambda: self.db.head, engine, time.time).router())
+        router.route("/metrics", self._metrics, name="metrics")
+        router.route("/-/healthy", lambda _: Response(200, b"Flashback is Healthy.\n"), ("GET", "HEAD"),
+                     name="healthy")
+        router.route("/-/ready", self._readiness, ("GET", "HEAD"), name="ready")
+        self.server = HTTPServer(router, options.listen_host, options.listen_port, self.registry)
+
+    def _metrics(self, _: Request) -> Response:
+        return Response(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
+
+    def _readiness(self, _: Request) -> Response:
+        if self._ready:
+            return Response(200, b"Flashback is Ready.\n")
+        return Response(503, b"Service Unavailable\n")
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.server.address
+
+    def start(self) -> None:
+        self.db.start()
+        self.server.start()
+        self._ready = True
+        host, port = self.address
+        log.info("listening", extra={"address": f"{host}:{port}", "data_dir": self.options.data_dir})
+
+    def close(self) -> None:
+        self._ready = False
+        self.server.close()
+        self.db.close()

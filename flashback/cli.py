@@ -1,0 +1,68 @@
+"""The ``flashback`` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+
+class _KeyValueFormatter(logging.Formatter):
+    """``ts=... level=... msg=... key=value`` lines, with the structured ``extra`` keys."""
+
+    _STD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        parts = [f"ts={self.formatTime(record, '%Y-%m-%dT%H:%M:%S')}", f"level={record.levelname.lower()}",
+                 f"component={record.name}", f"msg={record.getMessage()!r}"]
+        parts += [f"{k}={v}" for k, v in vars(record).items() if k not in self._STD]
+        if record.exc_info:
+            parts.append("exc=" + repr(self.formatException(record.exc_info)))
+        return " ".join(parts)
+
+
+def _setup_logging(level: str) -> None:
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(_KeyValueFormatter())
+    logging.basicConfig(level=level.upper(), handlers=[h])
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from flashback.app import App
+    from flashback.config import ConfigError, load
+
+    try:
+        options = load(args.config, listen=args.listen, data_dir=args.data_dir)
+    except ConfigError as e:
+        print(f"flashback: {e}", file=sys.stderr)
+        return 2
+    app = App(options)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    app.start()
+    host, port = app.address
+    print(f"flashback: listening on http://{host}:{port} (data in {options.data_dir})", file=sys.stderr, flush=True)
+    stop.wait()
+    app.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="flashback", description="Prometheus-compatible remote storage.")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="run every component in one process (embedded defaults)")
+    up.add_argument("--config", help="YAML configuration file")
+    up.add_argument("--data-dir", help="data directory (default ./data)")
+    up.add_argument("--listen", help="HOST:PORT to serve on (default 127.0.0.1:9201)")
+    up.set_defaults(func=cmd_up)
+    args = p.parse_args(argv)
+    _setup_logging(args.log_level)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Configuration: one YAML file, validated once into frozen options.
+
+Example (every key optional; these are the defaults)::
+
+    listen: 127.0.0.1:9201
+    data_dir: ./data
+    head:
+      chunk_range: 2h
+      out_of_bounds_window: 28h
+      max_ahead: 10m
+      name_validation: utf8        # or legacy
+    wal:
+      checkpoint_interval: 5m
+    remote_write:
+      max_body_bytes: 33554432
+    query:
+      lookback_delta: 5m
+      max_samples: 50000000
+      timeout: 2m
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import yaml
+
+from store.db import DBOptions
+from store.head import HeadOptions
+
+
+class ConfigError(ValueError):
+    """A configuration file or flag that cannot be used."""
+
+
+_DURATION = re.compile(r"(\d+)(ms|s|m|h|d|w|y)")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000,
+            "y": 31_536_000_000}
+
+
+def parse_duration_ms(value: object, key: str) -> int:
+    """Prometheus durations (``1h30m``, ``15s``) or plain seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return int(value * 1000)
+    s = str(value).strip()
+    pos, total = 0, 0
+    for m in _DURATION.finditer(s):
+        if m.start() != pos:
+            break
+        total += int(m.group(1)) * _UNIT_MS[m.group(2)]
+        pos = m.end()
+    if pos != len(s) or not s:
+        raise ConfigError(f"{key}: cannot parse {value!r} as a duration (e.g. 15s, 5m, 28h)")
+    return total
+
+
+@dataclass(frozen=True, slots=True)
+class QueryOptions:
+    lookback_delta_ms: int = 300_000
+    max_samples: int = 50_000_000
+    timeout_s: float = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 9201
+    data_dir: str = "./data"
+    db: DBOptions = field(default_factory=DBOptions)
+    max_body_bytes: int = 32 << 20
+    query: QueryOptions = field(default_factory=QueryOptions)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"listen: {value!r} is not HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _section(doc: dict, key: str) -> dict:
+    v = doc.get(key) or {}
+    if not isinstance(v, dict):
+        raise ConfigError(f"{key}: expected a mapping")
+    return v
+
+
+def _unknown(d: dict, known: set[str], where: str) -> None:
+    extra = set(d) - known
+    if extra:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(map(str, extra)))}")
+
+
+def load(path: str | None, *, listen: str | None = None, data_dir: str | None = None) -> Options:
+    """Options from a YAML file (optional) with command-line overrides."""
+    doc: dict = {}
+    if path:
+        try:
+            with open(path) as f:
+                doc = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ConfigError(f"read config {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"parse config {path}: {e}") from None
+        if not isinstance(doc, dict):
+            raise ConfigError(f"config {path}: expected a mapping at the top level")
+    _unknown(doc, {"listen", "data_dir", "head", "wal", "remote_write", "query", "bucket"}, "config")
+    head, wal, rw, q = (_section(doc, k) for k in ("head", "wal", "remote_write", "query"))
+    _unknown(head, {"chunk_range", "out_of_bounds_window", "max_ahead", "name_validation"}, "head")
+    _unknown(wal, {"checkpoint_interval"}, "wal")
+    _unknown(rw, {"max_body_bytes"}, "remote_write")
+    _unknown(q, {"lookback_delta", "max_samples", "timeout"}, "query")
+    host, port = parse_listen(listen or str(doc.get("listen", "127.0.0.1:9201")))
+    try:
+        head_opts = HeadOptions(
+            chunk_range_ms=parse_duration_ms(head.get("chunk_range", "2h"), "head.chunk_range"),
+            out_of_bounds_window_ms=parse_duration_ms(head.get("out_of_bounds_window", "28h"),
+                                                      "head.out_of_bounds_window"),
+            max_ahead_ms=parse_duration_ms(head.get("max_ahead", "10m"), "head.max_ahead"),
+            name_validation=str(head.get("name_validation", "utf8")))
+    except ValueError as e:
+        raise ConfigError(f"head: {e}") from None
+    max_body = rw.get("max_body_bytes", 32 << 20)
+    if not isinstance(max_body, int) or max_body <= 0:
+        raise ConfigError("remote_write.max_body_bytes: expected a positive integer")
+    max_samples = q.get("max_samples", 50_000_000)
+    if not isinstance(max_samples, int) or max_samples <= 0:
+        raise ConfigError("query.max_samples: expected a positive integer")
+    return Options(
+        listen_host=host, listen_port=port,
+        data_dir=data_dir or str(doc.get("data_dir", "./data")),
+        db=DBOptions(head=head_opts, checkpoint_interval_s=parse_duration_ms(
+            wal.get("checkpoint_interval", "5m"), "wal.checkpoint_interval") / 1000),
+        max_body_bytes=max_body,
+        query=QueryOptions(
+            lookback_delta_ms=parse_duration_ms(q.get("lookback_delta", "5m"), "query.lookback_delta"),
+            max_samples=max_samples,
+            timeout_s=parse_duration_ms(q.get("timeout", "2m"), "query.timeout") / 1000))
