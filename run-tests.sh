@@ -9,5 +9,4 @@ if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
   apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 python3 -m pip install -q -e '.[test]'
-lint-imports --config pyproject.toml
 exec python3 -m pytest "$@"

@@ -1,0 +1,186 @@
+import math
+import struct
+
+import numpy as np
+import pytest
+
+from store import xor
+from store.head import Head, HeadOptions
+from store.labels import Labels
+from store.matchers import Matcher, MatchType
+from store.writerequest import decode
+from tests import prompb_ref
+
+MIN, MAX = -(2**63), 2**63 - 1
+NOW = 10**13
+STALE = struct.unpack("<d", struct.pack("<Q", 0x7FF0000000000002))[0]
+
+
+def _append(head, series, now=NOW):
+    """series: list of (label dict or pair list, [(t, v), ...])."""
+    req = [(sorted(d.items()) if isinstance(d, dict) else d, s) for d, s in series]
+    return head.append(decode(prompb_ref.write_request(req)), now)
+
+
+def _bits(vals):
+    return [struct.unpack("<Q", struct.pack("<d", v))[0] for v in vals]
+
+
+def _eq(name):
+    return [Matcher(MatchType.EQ, "__name__", name)]
+
+
+def test_append_and_select_round_trip_across_many_chunks():
+    head = Head()
+    ts = list(range(0, 500 * 15_000, 15_000))
+    vals = [float(i) * 1.5 for i in range(500)]
+    res = _append(head, [({"__name__": "a", "job": "x"}, list(zip(ts, vals)))])
+    assert res.appended == 500 and not res.rejected
+    [s] = head.select(_eq("a"), MIN, MAX)
+    assert s.labels == Labels.from_dict({"__name__": "a", "job": "x"})
+    got_t, got_v = s.samples()
+    assert got_t.tolist() == ts and got_v.tolist() == vals
+    chunks = list(s.chunks())
+    assert all(xor.num_samples(c.data) <= 120 for c in chunks)
+    # Chunks decode (with the reference decoder) to exactly the samples, in order.
+    dt, dv = [], []
+    for c in chunks:
+        t, v = xor.decode(c.data)
+        assert (c.mint, c.maxt) == (t[0], t[-1])
+        dt += t
+        dv += v
+    assert dt == ts and dv == vals
+
+
+def test_chunks_cut_at_chunk_range_boundaries():
+    head = Head(HeadOptions(chunk_range_ms=100_000))
+    _append(head, [({"__name__": "a"}, [(t, 1.0) for t in range(0, 300_000, 10_000)])])
+    [s] = head.select(_eq("a"), MIN, MAX)
+    assert [(c.mint, c.maxt) for c in s.chunks()] == [(0, 90_000), (100_000, 190_000), (200_000, 290_000)]
+
+
+def test_select_clips_to_time_range():
+    head = Head()
+    _append(head, [({"__name__": "a"}, [(t, t / 1000) for t in range(0, 1_000_000, 1000)])])
+    [s] = head.select(_eq("a"), 250_500, 300_000)
+    t, v = s.samples()
+    assert t[0] == 251_000 and t[-1] == 300_000 and len(t) == 50
+    assert head.select(_eq("a"), 2_000_000, 3_000_000) == []
+
+
+def test_special_values_are_kept_bit_for_bit():
+    head = Head()
+    nan_payload = struct.unpack("<d", struct.pack("<Q", 0x7FF8000000000123))[0]
+    vals = [math.inf, -math.inf, -0.0, STALE, nan_payload, 1e308, 5e-324]
+    _append(head, [({"__name__": "a"}, [(i, v) for i, v in enumerate(vals)])])
+    [s] = head.select(_eq("a"), MIN, MAX)
+    assert _bits(s.samples()[1].tolist()) == _bits(vals)
+
+
+def test_out_of_order_duplicate_and_same_value_rules():
+    head = Head()
+    _append(head, [({"__name__": "a"}, [(1000, 1.0), (2000, 2.0)])])
+    res = _append(head, [({"__name__": "a"}, [(1500, 9.0), (2000, 2.0), (2000, 3.0), (3000, 4.0)])])
+    assert res.appended == 1
+    assert res.rejected["out_of_order"][0] == 1
+    assert res.rejected["duplicate_timestamp"][0] == 1
+    assert "timestamp 1500" in res.rejected["out_of_order"][1] and "a" in res.rejected["out_of_order"][1]
+    [s] = head.select(_eq("a"), MIN, MAX)
+    assert s.samples()[0].tolist() == [1000, 2000, 3000]
+    assert s.samples()[1].tolist() == [1.0, 2.0, 4.0]
+
+
+def test_out_of_bounds_too_old_and_too_far_ahead():
+    head = Head(HeadOptions(out_of_bounds_window_ms=3_600_000, max_ahead_ms=600_000))
+    _append(head, [({"__name__": "a"}, [(NOW, 1.0)])])
+    res = _append(head, [({"__name__": "b"}, [(NOW - 3_600_001, 1.0), (NOW - 3_600_000, 2.0),
+                                               (NOW + 600_000, 3.0), (NOW + 600_001, 4.0)])])
+    assert res.appended == 2 and res.rejected["out_of_bounds"][0] == 2
+    [s] = head.select(_eq("b"), MIN, MAX)
+    assert s.samples()[1].tolist() == [2.0, 3.0]
+
+
+@pytest.mark.parametrize("pairs,why", [
+    ([("__name__", "a"), ("job", "x"), ("job", "y")], "duplicate label name"),
+    ([("job", "x")], "missing metric name"),
+    ([("__name__", ""), ("job", "x")], "missing metric name"),
+    ([("__name__", "a"), ("", "x")], "empty label name"),
+], ids=["duplicate", "no_name", "empty_name_value", "empty_label_name"])
+def test_invalid_series_rejected_and_valid_ones_kept(pairs, why):
+    head = Head()
+    res = _append(head, [(pairs, [(1, 1.0), (2, 2.0)]), ({"__name__": "ok"}, [(1, 1.0)])])
+    assert res.appended == 1
+    n, msg = res.rejected["invalid_labels"]
+    assert n == 2 and why in msg
+    assert [s.labels.name for s in head.select([Matcher(MatchType.RE, "__name__", ".+")], MIN, MAX)] == ["ok"]
+
+
+def test_invalid_utf8_rejected():
+    body = prompb_ref.write_request([([("__name__", "a")], [(1, 1.0)])]).replace(b"\x01a", b"\x01\xff")
+    res = Head().append(decode(body), NOW)
+    assert "not valid UTF-8" in res.rejected["invalid_labels"][1]
+
+
+def test_legacy_name_validation():
+    head = Head(HeadOptions(name_validation="legacy"))
+    res = _append(head, [({"__name__": "a.b"}, [(1, 1.0)]), ({"__name__": "a", "bad-name": "x"}, [(1, 1.0)]),
+                         ({"__name__": "ok:rate5m"}, [(1, 1.0)])])
+    assert res.appended == 1 and res.rejected["invalid_labels"][0] == 2
+    assert Head().append(decode(prompb_ref.write_request([([("__name__", "a.b")], [(1, 1.0)])])), NOW).appended == 1
+
+
+def test_unsorted_labels_are_the_same_series_as_sorted():
+    head = Head()
+    _append(head, [([("job", "x"), ("__name__", "a")], [(1, 1.0)])])
+    _append(head, [([("__name__", "a"), ("job", "x")], [(2, 2.0)])])
+    _append(head, [([("__name__", "a"), ("empty", ""), ("job", "x")], [(3, 3.0)])])
+    assert head.num_series() == 1
+    [s] = head.select(_eq("a"), MIN, MAX)
+    assert s.samples()[0].tolist() == [1, 2, 3]
+
+
+def test_many_series_grow_tables_and_stay_distinct():
+    head = Head()
+    n = 5000
+    _append(head, [({"__name__": "m", "i": str(i)}, [(1, float(i))]) for i in range(n)])
+    _append(head, [({"__name__": "m", "i": str(i)}, [(2, float(-i))]) for i in range(n)])
+    assert head.num_series() == n
+    got = {s.labels.get("i"): s.samples()[1].tolist() for s in head.select(_eq("m"), MIN, MAX)}
+    assert got == {str(i): [float(i), float(-i)] for i in range(n)}
+
+
+def test_select_is_a_snapshot():
+    head = Head()
+    _append(head, [({"__name__": "a"}, [(t, 1.0) for t in range(0, 200)])])
+    [s] = head.select(_eq("a"), MIN, MAX)
+    _append(head, [({"__name__": "a"}, [(t, 2.0) for t in range(200, 400)])])
+    assert len(s.samples()[0]) == 200 and len(list(s.chunks())) == 2
+
+
+def test_label_names_and_values_with_matchers_and_time():
+    head = Head()
+    _append(head, [({"__name__": "a", "job": "x"}, [(1000, 1.0)]), ({"__name__": "b", "env": "p"}, [(5000, 1.0)])])
+    assert head.label_names([], MIN, MAX) == ["__name__", "env", "job"]
+    assert head.label_names(_eq("a"), MIN, MAX) == ["__name__", "job"]
+    assert head.label_values("__name__", [], MIN, MAX) == ["a", "b"]
+    assert head.label_values("__name__", [], 4000, 6000) == ["a", "b"]  # whole head overlaps: as Prometheus
+    assert head.label_values("__name__", [Matcher(MatchType.RE, "__name__", ".+")], 4000, 6000) == ["b"]
+    assert head.label_values("job", _eq("b"), MIN, MAX) == []
+
+
+def test_checkpoint_round_trip():
+    head = Head()
+    _append(head, [({"__name__": "a", "i": str(i)}, [(t, t * 0.5 + i) for t in range(0, 130 * 1000, 1000)])
+                   for i in range(10)])
+    restored = Head()
+    restored.load_checkpoint(list(head.checkpoint_items()))
+    assert restored.num_series() == 10 and restored.max_time == head.max_time
+    m = [Matcher(MatchType.RE, "__name__", ".+")]
+    for a, b in zip(head.select(m, MIN, MAX), restored.select(m, MIN, MAX)):
+        assert a.labels == b.labels
+        assert a.samples()[0].tolist() == b.samples()[0].tolist()
+        assert _bits(a.samples()[1].tolist()) == _bits(b.samples()[1].tolist())
+        assert list(a.chunks()) == list(b.chunks())
+    # The restored head keeps enforcing ordering.
+    res = _append(restored, [({"__name__": "a", "i": "0"}, [(5, 1.0)])])
+    assert res.rejected["out_of_order"][0] == 1

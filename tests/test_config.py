@@ -1,0 +1,52 @@
+import pytest
+
+from flashback.config import ConfigError, load, parse_duration_ms
+
+
+@pytest.mark.parametrize("text,ms", [("15s", 15_000), ("1h30m", 5_400_000), ("28h", 100_800_000), ("500ms", 500),
+                                     (90, 90_000), ("1d", 86_400_000)])
+def test_durations(text, ms):
+    assert parse_duration_ms(text, "k") == ms
+
+
+@pytest.mark.parametrize("text", ["", "5", "1h 2m", "-1s", "abc", "5x"])
+def test_bad_durations(text):
+    with pytest.raises(ConfigError, match="k: cannot parse"):
+        parse_duration_ms(text, "k")
+
+
+def test_defaults_without_a_file():
+    o = load(None)
+    assert (o.listen_host, o.listen_port, o.data_dir) == ("127.0.0.1", 9201, "./data")
+    assert o.db.head.out_of_bounds_window_ms == 28 * 3600_000
+
+
+def test_file_and_flag_overrides(tmp_path):
+    p = tmp_path / "c.yml"
+    p.write_text("listen: 0.0.0.0:9999\ndata_dir: /x\nhead: {chunk_range: 1h, name_validation: legacy}\n"
+                 "query: {lookback_delta: 1m}\nwal: {checkpoint_interval: 30s}\n")
+    o = load(str(p), listen="127.0.0.1:1234")
+    assert (o.listen_host, o.listen_port, o.data_dir) == ("127.0.0.1", 1234, "/x")
+    assert o.db.head.chunk_range_ms == 3_600_000 and o.db.head.name_validation == "legacy"
+    assert o.query.lookback_delta_ms == 60_000 and o.db.checkpoint_interval_s == 30
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("nope: 1\n", "unknown key(s) nope"),
+    ("head: {colour: red}\n", "head: unknown key(s) colour"),
+    ("head: {name_validation: ascii}\n", "name_validation must be utf8 or legacy"),
+    ("listen: nowhere\n", "is not HOST:PORT"),
+    ("- a\n", "expected a mapping"),
+    ("a: [\n", "parse config"),
+    ("remote_write: {max_body_bytes: -1}\n", "max_body_bytes"),
+])
+def test_bad_config_files(tmp_path, text, msg):
+    p = tmp_path / "c.yml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=msg):
+        load(str(p))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="read config"):
+        load(str(tmp_path / "none.yml"))
