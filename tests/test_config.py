@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from flashback.config import ConfigError, load, parse_duration_ms
@@ -43,7 +45,7 @@ def test_file_and_flag_overrides(tmp_path):
 def test_bad_config_files(tmp_path, text, msg):
     p = tmp_path / "c.yml"
     p.write_text(text)
-    with pytest.raises(ConfigError, match=msg):
+    with pytest.raises(ConfigError, match=re.escape(msg)):
         load(str(p))
 
 
