@@ -33,6 +33,8 @@ HAS_HISTOGRAMS = 2
 # Series row layout.
 S_LAB_START, S_LAB_N, S_SMP_START, S_SMP_N, S_KEY_OFF, S_KEY_LEN, S_FLAGS, S_HIST = range(8)
 
+CAPACITY = 9  # output arrays too small: the caller retries with worst-case sizes
+
 _ERRORS = {
     1: "truncated varint",
     2: "length-delimited field runs past the end of its message",
@@ -122,6 +124,8 @@ def _scan(buf, ser, hashes, lab, smp_t, smp_v, smp_s, keys):
             return ns, nl, nsm, 2, p
         send = p + np.int64(ln)
         # One TimeSeries in buf[p:send].
+        if ns >= ser.shape[0]:
+            return ns, nl, nsm, CAPACITY, p
         s = ns
         ns += 1
         ser[s, S_LAB_START] = nl
@@ -174,6 +178,9 @@ def _scan(buf, ser, hashes, lab, smp_t, smp_v, smp_s, keys):
                             if q < 0:
                                 return ns, nl, nsm, -q, p
                             p = q
+                    if nl >= lab.shape[0] or nk + nln + vln + 2 > keys.shape[0]:
+                        return ns, nl, nsm, CAPACITY, p
+                    nk += nln + vln + 2  # reserve key space; written below
                     if nln == 0 or vln == 0:
                         flags |= NEEDS_SLOW_PATH
                     if nl > ser[s, S_LAB_START]:
@@ -214,6 +221,8 @@ def _scan(buf, ser, hashes, lab, smp_t, smp_v, smp_s, keys):
                             if q < 0:
                                 return ns, nl, nsm, -q, p
                             p = q
+                    if nsm >= smp_t.shape[0]:
+                        return ns, nl, nsm, CAPACITY, p
                     smp_t[nsm] = np.int64(t)
                     smp_v[nsm] = v
                     smp_s[nsm] = s
@@ -231,7 +240,8 @@ def _scan(buf, ser, hashes, lab, smp_t, smp_v, smp_s, keys):
         ser[s, S_SMP_N] = nsm - ser[s, S_SMP_START]
         ser[s, S_FLAGS] = flags
         ser[s, S_HIST] = nhist
-        # Canonical key: name 0xff value 0xff per label.
+        # Canonical key: name 0xff value 0xff per label (space was reserved while scanning).
+        nk = ser[s - 1, S_KEY_OFF] + ser[s - 1, S_KEY_LEN] if s > 0 else 0
         ser[s, S_KEY_OFF] = nk
         for li in range(ser[s, S_LAB_START], nl):
             for i in range(lab[li, 1]):
@@ -286,15 +296,19 @@ def decode(body: bytes) -> WriteRequest:
     """Decodes uncompressed protobuf bytes; raises ``DecodeError`` on malformed input."""
     buf = np.frombuffer(body, dtype=np.uint8)
     n = len(body)
-    cap = n // 2 + 1  # every series, label and sample takes at least two bytes
-    ser = np.empty((cap, 8), dtype=np.int64)
-    hashes = np.empty(cap, dtype=np.uint64)
-    lab = np.empty((cap, 4), dtype=np.int64)
-    smp_t = np.empty(cap, dtype=np.int64)
-    smp_v = np.empty(cap, dtype=np.uint64)
-    smp_s = np.empty(cap, dtype=np.int64)
-    keys = np.empty(n + 2 * cap, dtype=np.uint8)
-    ns, nl, nsm, err, pos = _scan(buf, ser, hashes, lab, smp_t, smp_v, smp_s, keys)
+    # Typical encodings take >= 12 bytes per series and per sample and >= 4 per label; if a
+    # request packs tighter, scan again with the true bound (every item takes >= 2 bytes).
+    for series_cap, label_cap in ((n // 12 + 16, n // 4 + 16), (n // 2 + 1, n // 2 + 1)):
+        ser = np.empty((series_cap, 8), dtype=np.int64)
+        hashes = np.empty(series_cap, dtype=np.uint64)
+        lab = np.empty((label_cap, 4), dtype=np.int64)
+        smp_t = np.empty(series_cap, dtype=np.int64)
+        smp_v = np.empty(series_cap, dtype=np.uint64)
+        smp_s = np.empty(series_cap, dtype=np.int64)
+        keys = np.empty(n + 2 * label_cap, dtype=np.uint8)
+        ns, nl, nsm, err, pos = _scan(buf, ser, hashes, lab, smp_t, smp_v, smp_s, keys)
+        if err != CAPACITY:
+            break
     if err:
         raise DecodeError(f"invalid protobuf WriteRequest: {_ERRORS.get(err, 'malformed')} at byte {pos}")
     return WriteRequest(buf, ser[:ns], hashes[:ns], lab[:nl], keys, smp_t[:nsm], smp_v[:nsm], smp_s[:nsm])

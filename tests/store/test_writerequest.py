@@ -98,3 +98,10 @@ def test_garbage_never_crashes(data):
     except DecodeError:
         return
     assert req.num_samples <= len(data)
+
+
+def test_densely_packed_request_decodes_after_growing_buffers():
+    # Default-valued samples encode as two bytes each, far below the typical size the first pass assumes.
+    body = prompb_ref.write_request([([("__name__", "x")], [(0, 0.0)] * 5000)] + [([("a", "")], [])] * 3000)
+    req = decode(body)
+    assert req.num_samples == 5000 and req.num_series == 3001
