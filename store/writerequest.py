@@ -18,7 +18,9 @@ TimeSeries{1 labels, 2 samples, 3 exemplars, 4 histograms}; Label{1 name,
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
+from typing import Iterable
 
 import numba
 import numpy as np
@@ -312,3 +314,31 @@ def decode(body: bytes) -> WriteRequest:
     if err:
         raise DecodeError(f"invalid protobuf WriteRequest: {_ERRORS.get(err, 'malformed')} at byte {pos}")
     return WriteRequest(buf, ser[:ns], hashes[:ns], lab[:nl], keys, smp_t[:nsm], smp_v[:nsm], smp_s[:nsm])
+
+
+def _uvarint(x: int) -> bytes:
+    out = bytearray()
+    while x >= 0x80:
+        out.append((x & 0x7F) | 0x80)
+        x >>= 7
+    out.append(x)
+    return bytes(out)
+
+
+def _field(num: int, payload: bytes) -> bytes:
+    return _uvarint(num << 3 | 2) + _uvarint(len(payload)) + payload
+
+
+def encode(series: Iterable[tuple[Iterable[tuple[str, str]], Iterable[tuple[int, float]]]]) -> bytes:
+    """Encodes ``[(label pairs, [(t_ms, value), ...]), ...]`` as a WriteRequest (uncompressed).
+
+    For tools and for loading data in-process; labels are written in the given order.
+    """
+    out = []
+    for labels, samples in series:
+        parts = [_field(1, _field(1, n.encode()) + _field(2, v.encode())) for n, v in labels]
+        for t, v in samples:
+            body = b"\x09" + struct.pack("<d", v) + b"\x10" + _uvarint(t & 0xFFFFFFFFFFFFFFFF)
+            parts.append(_field(2, body))
+        out.append(_field(1, b"".join(parts)))
+    return b"".join(out)

@@ -105,3 +105,15 @@ def test_densely_packed_request_decodes_after_growing_buffers():
     body = prompb_ref.write_request([([("__name__", "x")], [(0, 0.0)] * 5000)] + [([("a", "")], [])] * 3000)
     req = decode(body)
     assert req.num_samples == 5000 and req.num_series == 3001
+
+
+@settings(max_examples=100)
+@given(st.lists(st.tuples(st.lists(st.tuples(label_text, label_text), max_size=4),
+                          st.lists(st.tuples(st.integers(-2**63, 2**63 - 1), st.floats()), max_size=4)), max_size=5))
+def test_encode_is_read_back_by_google_protobuf(series):
+    from store.writerequest import encode
+    msg = prompb_ref.WriteRequest.FromString(encode(series))
+    got = [([(lb.name, lb.value) for lb in ts.labels], [(s.timestamp, s.value) for s in ts.samples])
+           for ts in msg.timeseries]
+    want = [(list(lbls), list(smps)) for lbls, smps in series]
+    assert repr(got) == repr(want)  # repr: NaN == NaN, -0.0 != 0.0
