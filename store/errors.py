@@ -56,3 +56,41 @@ class UnsupportedVersion(StorageError, ValueError):
 
 class WALError(StorageError):
     """The write-ahead log could not persist or read records; retrying may help."""
+
+
+class LogUnavailable(WALError):
+    """The replicated log cannot take or serve records right now: no server reachable, no
+    quorum, or a stream-leader election under way. The same request may succeed when retried
+    (the adapter answers 503 so that Prometheus retries)."""
+
+
+class LogTruncated(WALError):
+    """Records a reader needs were already removed from the log (purged below a checkpoint
+    or dropped by the stream's age/size limits); the reader needs a newer checkpoint."""
+
+
+class BucketError(StorageError):
+    """An object storage operation did not succeed; the message names the bucket and object.
+
+    Not retryable as such (bad credentials, a missing bucket, an invalid name); transient
+    failures raise the subclass :class:`BucketUnavailable`.
+    """
+
+
+class BucketUnavailable(BucketError):
+    """A transient object storage failure (unreachable endpoint, timeout, 5xx, throttling).
+
+    Retrying later may help; ``RetryingBucket`` retries exactly these.
+    """
+
+
+class BucketConfigError(BucketError, ValueError):
+    """An objstore configuration that cannot be used (unknown type, missing field)."""
+
+
+class ObjectNotFound(StorageError, KeyError):
+    """The object does not exist in the bucket."""
+
+    def __str__(self) -> str:
+        # KeyError.__str__ shows the repr of its argument; a message reads better as is.
+        return Exception.__str__(self)
