@@ -1,0 +1,679 @@
+"""The replicated log of cluster mode: one NATS JetStream stream per shard.
+
+``NatsLog`` is the writer's side (the adapter) and implements the ``Log``
+Protocol of ``store.wal``; ``NatsConsumer`` is a head replica's side, a
+durable pull consumer that yields ``(stream_sequence, record)`` in order.
+Stream, subject, message and header layout are documented in
+``store/docs/format/natslog.md``.
+
+Sequence numbers are the stream's own: JetStream assigns them when the stream
+leader has stored a message on a quorum of its replicas and answers with a
+PubAck. A sequence is therefore only known once the record is durable, so
+``NatsLog.append`` blocks until the PubAck and ``wait_durable`` has nothing left
+to wait for. Concurrency comes from many threads appending at once (each has
+one publish in flight on the shared connection) or from ``publish_async``,
+which lets one thread publish to several shards and wait for all of them.
+
+A caller that retries a record passes the same ``msg_id`` (``Nats-Msg-Id``
+header): within the stream's duplicate window JetStream stores it once and
+answers a retry with the first copy's sequence. While the stream elects a new
+leader (4-8 s after a server crash) publishes fail; they raise
+``LogUnavailable``, which callers map to HTTP 503.
+
+nats-py is asyncio and the rest of Flashback is threaded, so every client
+object owns one event-loop thread and its synchronous methods submit
+coroutines to it (``asyncio.run_coroutine_threadsafe``) and wait with
+timeouts; all methods are thread-safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Iterator, TypeVar
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.js import api
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from store.errors import LogTruncated, LogUnavailable, WALError
+from store.wal import decode_record, encode_record
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+MSG_ID_HEADER = "Nats-Msg-Id"
+
+# Failures that say "not now" rather than "never": the connection is down or reconnecting, the
+# request timed out, nobody answered (no stream leader), or the server says 503.
+_UNAVAILABLE = (
+    asyncio.TimeoutError,
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.NoServersError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.StaleConnectionError,
+    nats.errors.UnexpectedEOF,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+    ConnectionError,
+    OSError,
+)
+
+# JetStream API error codes.
+_STREAM_NAME_IN_USE = 10058  # a stream of that name exists with another configuration
+_CONSUMER_NOT_FOUND = 10014
+
+
+def default_subject(stream: str) -> str:
+    """The subject a stream's records are published on: ``flashback.log.<stream>``."""
+    return f"flashback.log.{stream}"
+
+
+def _as_wal_error(e: BaseException, what: str) -> WALError:
+    """The typed error for a nats-py failure: ``LogUnavailable`` if retrying may help."""
+    if isinstance(e, WALError):
+        return e
+    if isinstance(e, _UNAVAILABLE) or (isinstance(e, nats.js.errors.APIError) and (e.code or 0) >= 500):
+        return LogUnavailable(f"{what}: {type(e).__name__}: {e}".rstrip(": "))
+    return WALError(f"{what}: {type(e).__name__}: {e}".rstrip(": "))
+
+
+@dataclass(frozen=True, slots=True)
+class StreamState:
+    """What the stream leader reports about a stream (``StreamInfo``).
+
+    ``first_seq`` is the oldest sequence still held (``last_seq + 1`` once everything was
+    purged, 0 for a stream that never had a message); ``leader`` is the server name of the
+    stream leader, ``None`` during an election.
+    """
+
+    first_seq: int
+    last_seq: int
+    messages: int
+    bytes: int
+    leader: str | None
+    replicas: int
+
+
+class _Client:
+    """One nats-py connection and the event-loop thread that runs it.
+
+    Args:
+        servers: client URLs (``nats://host:port``); the client reconnects to any of them.
+        name: connection name shown by the servers, also the thread name.
+        connect_timeout_s: how long the first connection may take before ``LogUnavailable``.
+        reconnect_wait_s: pause between reconnection rounds; reconnection never gives up.
+    """
+
+    def __init__(self, servers: list[str], name: str, connect_timeout_s: float, reconnect_wait_s: float) -> None:
+        if not servers:
+            raise ValueError("no NATS servers given")
+        self.name = name
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"nats {name}", daemon=True)
+        self._thread.start()
+        self._closed = False
+        self.nc = nats.NATS()
+        try:
+            self.run(self._connect(list(servers), connect_timeout_s, reconnect_wait_s), connect_timeout_s + 5,
+                     f"connect to NATS {','.join(servers)}")
+        except BaseException:
+            self._stop_loop()
+            raise
+        self.js = self.nc.jetstream()
+        self.jsm = self.nc.jsm()
+
+    async def _connect(self, servers: list[str], timeout_s: float, reconnect_wait_s: float) -> None:
+        async def on_error(e: Exception) -> None:
+            log.debug("nats connection", extra={"client": self.name, "error": f"{type(e).__name__}: {e}"})
+
+        async def on_disconnect() -> None:
+            log.info("nats disconnected", extra={"client": self.name})
+
+        async def on_reconnect() -> None:
+            log.info("nats reconnected", extra={"client": self.name, "server": str(self.nc.connected_url)})
+
+        try:
+            # nats-py keeps retrying its first connection forever when reconnection is unlimited,
+            # so the first connection is bounded here.
+            await asyncio.wait_for(self.nc.connect(
+                servers=servers, name=self.name, connect_timeout=min(2.0, timeout_s),
+                max_reconnect_attempts=-1, reconnect_time_wait=reconnect_wait_s, allow_reconnect=True,
+                error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect), timeout_s)
+        except BaseException as e:
+            try:
+                await self.nc.close()
+            except Exception:
+                pass
+            raise _as_wal_error(e, f"connect to NATS {','.join(servers)} within {timeout_s}s") from e
+
+    def submit(self, coro: Awaitable[_T]) -> concurrent.futures.Future[_T]:
+        if self._closed:
+            coro.close()
+            raise WALError(f"NATS client {self.name} is closed")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def run(self, coro: Awaitable[_T], timeout_s: float, what: str) -> _T:
+        """Runs ``coro`` on the loop thread and returns its result.
+
+        Raises:
+            LogUnavailable: no result within ``timeout_s`` (the coroutine is cancelled), or
+                a failure that retrying may cure.
+            WALError: any other failure of the NATS client.
+        """
+        fut = self.submit(coro)
+        return wait_future(fut, timeout_s, what)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            self.run(self.nc.close(), 5.0, f"close NATS client {self.name}")
+        except WALError:
+            log.warning("nats close", extra={"client": self.name}, exc_info=True)
+        finally:
+            self._closed = True
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._closed = True
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    async def call(self, fn: Callable[[], Awaitable[_T]], timeout_s: float, what: str) -> _T:
+        """Awaits ``fn()`` within ``timeout_s``, translating failures into ``WALError``s."""
+        try:
+            return await asyncio.wait_for(fn(), timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            raise _as_wal_error(e, what) from e
+
+    async def retry(self, fn: Callable[[], Awaitable[_T]], deadline: float, attempt_s: float, what: str) -> _T:
+        """Calls ``fn`` until it succeeds, retrying ``LogUnavailable`` until ``deadline`` (monotonic)."""
+        pause = 0.05
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                return await self.call(fn, max(0.05, min(attempt_s, remaining)), what)
+            except LogUnavailable:
+                if time.monotonic() + pause >= deadline:
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.5)
+
+    async def stream_state(self, stream: str, timeout_s: float) -> StreamState:
+        info = await self.call(lambda: self.jsm.stream_info(stream), timeout_s, f"read state of stream {stream}")
+        cluster = info.cluster
+        return StreamState(first_seq=info.state.first_seq, last_seq=info.state.last_seq,
+                           messages=info.state.messages, bytes=info.state.bytes,
+                           leader=cluster.leader if cluster is not None else None,
+                           replicas=info.config.num_replicas or 1)
+
+    async def purge_below(self, stream: str, seq: int, timeout_s: float) -> None:
+        if seq <= 1:
+            return
+        await self.retry(lambda: self.jsm.purge_stream(stream, seq=seq), time.monotonic() + timeout_s,
+                         timeout_s, f"purge stream {stream} below {seq}")
+
+
+def wait_future(fut: concurrent.futures.Future[_T], timeout_s: float, what: str) -> _T:
+    """Result of a future from ``NatsLog.publish_async`` (or any client call) within ``timeout_s``.
+
+    Raises:
+        LogUnavailable: no result within ``timeout_s``; the operation is cancelled.
+        WALError: the operation failed.
+    """
+    try:
+        return fut.result(timeout_s)
+    except concurrent.futures.TimeoutError:
+        fut.cancel()
+        raise LogUnavailable(f"{what}: no answer within {timeout_s}s") from None
+    except concurrent.futures.CancelledError:
+        raise LogUnavailable(f"{what}: cancelled") from None
+    except WALError:
+        raise
+    except Exception as e:
+        raise _as_wal_error(e, what) from e
+
+
+class _Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.publishes = Counter("flashback_natslog_publishes_total", "Records acknowledged by the stream "
+                                 "(PubAck received).", registry=registry)
+        self.duplicates = Counter("flashback_natslog_duplicate_publishes_total", "Publishes the stream answered "
+                                  "as duplicates of an earlier message id.", registry=registry)
+        self.bytes = Counter("flashback_natslog_publish_bytes_total", "Payload bytes of acknowledged records.",
+                             registry=registry)
+        self.retries = Counter("flashback_natslog_publish_retries_total", "Publish attempts repeated with the "
+                               "same message id after a retryable failure.", registry=registry)
+        self.failures = Counter("flashback_natslog_publish_failures_total", "Appends that raised WALError.",
+                                registry=registry)
+        self.duration = Histogram("flashback_natslog_publish_duration_seconds", "Time from publish to PubAck, "
+                                  "retries included.", registry=registry,
+                                  buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .25, .5, 1, 2.5, 5, 10))
+
+
+class NatsLog:
+    """A shard's replicated log: the ``Log`` Protocol on a JetStream stream.
+
+    Creates the stream if it does not exist (file storage, limits retention, ``replicas``
+    copies) and updates its limits if they differ.
+
+    Args:
+        servers: NATS client URLs; the client reconnects to any of them.
+        stream: stream name (letters, digits, ``-``, ``_``).
+        subject: subject records are published on; ``default_subject(stream)`` if ``None``.
+        replicas: stream replicas (3 in cluster mode: one server may fail).
+        max_age_s: records older than this are dropped by the stream; 0 keeps them.
+        max_bytes: the stream drops its oldest records beyond this size; -1 for no limit.
+        duplicate_window_s: a message id seen within this window is not stored again.
+        timeout_s: bound of one ``append`` including its retries, and of every other call.
+        attempt_timeout_s: how long one publish attempt waits for its PubAck.
+        connect_timeout_s: bound of the first connection and the stream setup.
+        registry: where the ``flashback_natslog_*`` metrics go (one log per registry);
+            kept private if ``None``.
+
+    Raises:
+        LogUnavailable: no server reachable or the stream could not be set up in time.
+        WALError: the servers refused the stream configuration.
+    """
+
+    def __init__(self, servers: list[str], stream: str, *, subject: str | None = None, replicas: int = 3,
+                 max_age_s: float = 0, max_bytes: int = -1, duplicate_window_s: float = 120,
+                 timeout_s: float = 5.0, attempt_timeout_s: float = 2.0, connect_timeout_s: float = 10.0,
+                 registry: CollectorRegistry | None = None) -> None:
+        if replicas < 1 or timeout_s <= 0 or attempt_timeout_s <= 0 or duplicate_window_s <= 0:
+            raise ValueError("replicas, timeout_s, attempt_timeout_s and duplicate_window_s must be positive")
+        self.stream = stream
+        self.subject = subject or default_subject(stream)
+        self.timeout_s = timeout_s
+        self.attempt_timeout_s = attempt_timeout_s
+        self._config = api.StreamConfig(
+            name=stream, subjects=[self.subject], retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE, num_replicas=replicas, max_age=max_age_s, max_bytes=max_bytes,
+            discard=api.DiscardPolicy.OLD, duplicate_window=duplicate_window_s)
+        self._metrics = _Metrics(registry if registry is not None else CollectorRegistry(auto_describe=False))
+        self._lock = threading.Lock()
+        self._acked = 0  # highest sequence acknowledged to this client
+        self._closed = False
+        self._client = _Client(servers, f"log {stream}", connect_timeout_s, 0.25)
+        try:
+            self._client.run(self._ensure_stream(connect_timeout_s), connect_timeout_s + 5,
+                             f"set up stream {stream}")
+        except BaseException:
+            self._client.close()
+            raise
+
+    async def _ensure_stream(self, timeout_s: float) -> None:
+        jsm = self._client.jsm
+
+        async def create() -> None:
+            try:
+                await jsm.add_stream(self._config)
+            except nats.js.errors.BadRequestError as e:
+                if e.err_code != _STREAM_NAME_IN_USE:
+                    raise
+                await jsm.update_stream(self._config)
+
+        await self._client.retry(create, time.monotonic() + timeout_s, min(timeout_s, 5.0),
+                                 f"create stream {self.stream} on subject {self.subject}")
+
+    # --- Log ---------------------------------------------------------------------------------
+
+    def append(self, record: bytes, msg_id: str | None = None) -> int:
+        """Publishes ``record`` and returns its stream sequence once the stream acknowledged it.
+
+        Unlike ``RocksLog.append`` the record is already durable (stored on a quorum of the
+        stream's replicas) when this returns; the stream assigns the number, in the order
+        publishes reach its leader.
+
+        Args:
+            record: the record's bytes (opaque here).
+            msg_id: a stable id for this record, the same on every retry of it (by this
+                process or another): the stream stores it only once within its duplicate
+                window and answers again with the first sequence. Without an id a failed
+                publish is not retried here, since it might have been stored.
+
+        Raises:
+            LogUnavailable: not acknowledged within ``timeout_s`` (no leader, no quorum,
+                servers unreachable); retry with the same ``msg_id``.
+            WALError: rejected for good (too large, stream deleted) or the log is closed.
+        """
+        return wait_future(self.publish_async(record, msg_id), self.timeout_s + 1.0,
+                           f"publish to stream {self.stream}")
+
+    def publish_async(self, record: bytes, msg_id: str | None = None) -> concurrent.futures.Future[int]:
+        """Starts ``append`` and returns a future of the sequence (or of its ``WALError``).
+
+        Lets one thread publish the parts of a request to several shards at once; wait with
+        ``wait_future``. The publish gives up after ``timeout_s`` on its own.
+        """
+        if self._closed:
+            raise WALError(f"append to closed log {self.stream}")
+        payload = encode_record(bytes(record))
+        if len(payload) > self._client.nc.max_payload:
+            raise WALError(f"record of {len(record)} bytes exceeds the NATS max_payload of "
+                           f"{self._client.nc.max_payload} bytes (stream {self.stream})")
+        return self._client.submit(self._publish(payload, msg_id))
+
+    async def _publish(self, payload: bytes, msg_id: str | None) -> int:
+        headers = {MSG_ID_HEADER: msg_id} if msg_id is not None else None
+        what = f"publish {len(payload)} bytes to stream {self.stream}" + (f" (msg id {msg_id})" if msg_id else "")
+        start = time.monotonic()
+        deadline = start + self.timeout_s
+        m = self._metrics
+        attempt = 0
+        try:
+            while True:
+                attempt += 1
+                if attempt > 1:
+                    m.retries.inc()
+                remaining = deadline - time.monotonic()
+                try:
+                    ack = await self._client.call(
+                        lambda: self._client.js.publish(self.subject, payload, timeout=max(0.05, min(
+                            self.attempt_timeout_s, remaining)), stream=self.stream,
+                            headers=dict(headers) if headers else None),
+                        max(0.05, min(self.attempt_timeout_s, remaining)) + 0.5, what)
+                    break
+                except LogUnavailable:
+                    # Without a message id a retry could store the record twice.
+                    if msg_id is None or time.monotonic() + 0.1 >= deadline:
+                        raise
+                    await asyncio.sleep(min(0.05 * attempt, 0.25))
+        except WALError:
+            m.failures.inc()
+            raise
+        m.duration.observe(time.monotonic() - start)
+        m.publishes.inc()
+        m.bytes.inc(len(payload))
+        if ack.duplicate:
+            m.duplicates.inc()
+        with self._lock:
+            self._acked = max(self._acked, ack.seq)
+        return ack.seq
+
+    def wait_durable(self, seq: int, timeout: float | None = None) -> None:
+        """See ``Log.wait_durable``: returns at once, ``append`` only returns acknowledged records.
+
+        Raises:
+            ValueError: ``seq`` was never returned to this client.
+        """
+        with self._lock:
+            if seq > self._acked:
+                raise ValueError(f"wait for record {seq} of stream {self.stream}, but the newest acknowledged "
+                                 f"here is {self._acked}")
+
+    def replay(self, after: int) -> Iterator[tuple[int, bytes]]:
+        """Yields ``(seq, record)`` for records after ``after`` up to the stream's last sequence
+        at the time of the call, through an ephemeral consumer.
+
+        Raises:
+            LogTruncated: records after ``after`` were already purged.
+            LogUnavailable: the stream did not answer in time.
+        """
+        if self._closed:
+            raise WALError(f"replay closed log {self.stream}")
+        return self._replay(after)
+
+    def _replay(self, after: int) -> Iterator[tuple[int, bytes]]:
+        end = self.last_seq()
+        if end <= after:
+            return
+        reader = _Reader(self._client, self.stream, None, after + 1, self.timeout_s, ack_wait_s=30.0)
+        try:
+            while reader.next_seq <= end:
+                batch = reader.fetch(min(256, end - reader.next_seq + 1), self.timeout_s)
+                if not batch and not reader._recreate:
+                    raise LogUnavailable(f"replay stream {self.stream}: record {reader.next_seq} of {end} not "
+                                         f"delivered within {self.timeout_s}s")
+                for seq, record in batch:
+                    if seq > end:
+                        return
+                    yield seq, record
+        finally:
+            reader.delete_quietly()
+
+    def truncate(self, through: int) -> None:
+        """Purges records with sequence <= ``through`` from the stream (on every replica)."""
+        self._client.run(self._client.purge_below(self.stream, through + 1, self.timeout_s),
+                         self.timeout_s + 1, f"purge stream {self.stream}")
+
+    def last_seq(self) -> int:
+        """Sequence of the stream's newest record, as its leader reports it; 0 if none ever was.
+
+        Unlike ``RocksLog`` this asks the servers, since other processes publish too, and so
+        it cannot be used after ``close``.
+
+        Raises:
+            LogUnavailable: the stream did not answer within ``timeout_s``.
+            WALError: the log is closed.
+        """
+        return self.state().last_seq
+
+    def state(self) -> StreamState:
+        """The stream's sequences, size and current leader. Raises ``LogUnavailable`` as ``last_seq``."""
+        return self._client.run(self._client.stream_state(self.stream, self.timeout_s), self.timeout_s + 1,
+                                f"read state of stream {self.stream}")
+
+    def close(self) -> None:
+        """Closes the connection; publishes still in flight fail with ``WALError``. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._client.close()
+
+
+class _Reader:
+    """Reads a stream in order from ``next_seq`` through a pull consumer.
+
+    ``durable`` names a durable consumer (it survives this process; one that exists is
+    deleted and created again, because a consumer's start sequence cannot be changed);
+    ``None`` makes an ephemeral one that the server removes soon after it is no longer used.
+    """
+
+    def __init__(self, client: _Client, stream: str, durable: str | None, start_seq: int, timeout_s: float,
+                 ack_wait_s: float) -> None:
+        if start_seq < 1:
+            raise ValueError(f"start sequence {start_seq} of stream {stream}: sequences start at 1")
+        self._client = client
+        self.stream = stream
+        self.durable = durable
+        self.next_seq = start_seq
+        self._timeout_s = timeout_s
+        self._ack_wait_s = ack_wait_s
+        self._consumer: str | None = None
+        self._sub: Any = None
+        self._recreate = False
+        self._client.run(self._create(), timeout_s + 1, f"create consumer {durable or '(ephemeral)'} on {stream}")
+
+    async def _create(self) -> None:
+        """(Re)creates the consumer at ``next_seq``, after checking that no record it needs was purged."""
+        c = self._client
+        what = f"consumer {self.durable or '(ephemeral)'} of stream {self.stream} at {self.next_seq}"
+        deadline = time.monotonic() + self._timeout_s
+        await self._check_not_truncated(self.next_seq)
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            try:
+                await sub.unsubscribe()
+            except Exception:
+                pass
+        old = self.durable or self._consumer
+        if old is not None:
+            async def delete() -> None:
+                try:
+                    await c.jsm.delete_consumer(self.stream, old)
+                except nats.js.errors.NotFoundError:
+                    pass
+
+            await c.retry(delete, deadline, self._timeout_s, f"delete {what}")
+        config = api.ConsumerConfig(
+            name=self.durable, durable_name=self.durable, deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=self.next_seq, ack_policy=api.AckPolicy.ALL, ack_wait=self._ack_wait_s,
+            max_ack_pending=10000, inactive_threshold=None if self.durable else 60.0,
+            mem_storage=None if self.durable else True, num_replicas=None if self.durable else 1)
+        # Creating consumers sometimes answers 503 or times out under load: retry; creating
+        # the same durable consumer again with the same configuration is idempotent.
+        info = await c.retry(lambda: c.jsm.add_consumer(self.stream, config), deadline, self._timeout_s,
+                             f"create {what}")
+        self._consumer = info.name
+        self._sub = await c.js.pull_subscribe_bind(consumer=info.name, stream=self.stream)
+
+    async def _check_not_truncated(self, seq: int) -> None:
+        state = await self._client.stream_state(self.stream, self._timeout_s)
+        if seq < state.first_seq and seq <= state.last_seq:
+            raise LogTruncated(f"stream {self.stream} no longer holds records {seq}..{state.first_seq - 1} "
+                               f"(it starts at {state.first_seq})")
+
+    def fetch(self, max_records: int, timeout_s: float) -> list[tuple[int, bytes]]:
+        return self._client.run(self._fetch(max_records, timeout_s), timeout_s + self._timeout_s + 2,
+                                f"fetch from stream {self.stream}")
+
+    async def _fetch(self, max_records: int, timeout_s: float) -> list[tuple[int, bytes]]:
+        if max_records < 1:
+            raise ValueError("max_records must be positive")
+        if self._recreate:
+            await self._create()
+            self._recreate = False
+        try:
+            msgs = await self._sub.fetch(batch=max_records, timeout=timeout_s)
+        except (asyncio.TimeoutError, nats.errors.TimeoutError):
+            return []
+        except Exception as e:
+            raise _as_wal_error(e, f"fetch from stream {self.stream}") from e
+        out: list[tuple[int, bytes]] = []
+        last_msg = None
+        gap = False
+        for msg in msgs:
+            seq = msg.metadata.sequence.stream
+            if seq < self.next_seq:
+                continue  # a redelivery of something already returned
+            if seq > self.next_seq:
+                gap = True
+                break
+            out.append((seq, decode_record(seq, msg.data)))
+            self.next_seq += 1
+            last_msg = msg
+        if last_msg is not None:
+            try:
+                await last_msg.ack()  # AckPolicy.ALL: acknowledges everything up to it
+            except Exception:
+                log.debug("consumer ack", extra={"stream": self.stream, "consumer": self._consumer}, exc_info=True)
+        if gap:
+            # A message was lost on its way (it would be redelivered out of order after
+            # ack_wait) or the records were purged: start over at the first missing one. The
+            # records read so far are returned first; the next call recreates the consumer
+            # (and raises LogTruncated if the missing records are gone).
+            log.info("consumer gap, recreating", extra={"stream": self.stream, "consumer": self._consumer,
+                                                        "seq": self.next_seq})
+            self._recreate = True
+            if not out:
+                await self._create()
+                self._recreate = False
+        return out
+
+    def delete_quietly(self) -> None:
+        if self._consumer is None:
+            return
+        try:
+            self._client.run(self._client.call(lambda: self._client.jsm.delete_consumer(self.stream, self._consumer),
+                                               self._timeout_s, "delete consumer"), self._timeout_s + 1,
+                             "delete consumer")
+        except WALError:
+            log.debug("consumer delete", extra={"stream": self.stream, "consumer": self._consumer}, exc_info=True)
+        self._consumer = None
+
+
+class NatsConsumer:
+    """A head replica's reader: a durable pull consumer yielding records in stream order.
+
+    The consumer named ``durable_name`` is deleted (if it exists) and created again to start
+    at ``start_seq`` (the replica's checkpoint + 1): JetStream cannot move a consumer's start.
+    Every record from ``start_seq`` on is returned exactly once and in order by ``fetch``;
+    messages JetStream redelivers are skipped, and a gap (a message lost in delivery)
+    recreates the consumer at the first missing sequence.
+
+    Thread-safety: ``fetch`` must not be called from two threads at once; ``last_seq`` and
+    ``purge_below`` may be called from any thread.
+
+    Args:
+        servers: NATS client URLs.
+        stream: the stream to read; it must exist (``NatsLog`` creates it).
+        durable_name: the consumer's name, unique per replica of the shard.
+        start_seq: the first sequence to return (>= 1).
+        timeout_s: bound of each control call (create, state, purge), retries included.
+        ack_wait_s: after this long without an acknowledgement JetStream redelivers.
+        connect_timeout_s: bound of the first connection.
+
+    Raises:
+        LogTruncated: records from ``start_seq`` on were already purged.
+        LogUnavailable: no server or no stream leader answered in time.
+    """
+
+    def __init__(self, servers: list[str], stream: str, durable_name: str, start_seq: int, *,
+                 timeout_s: float = 10.0, ack_wait_s: float = 10.0, connect_timeout_s: float = 10.0) -> None:
+        self.stream = stream
+        self.durable_name = durable_name
+        self.timeout_s = timeout_s
+        self._client = _Client(servers, f"consumer {stream}/{durable_name}", connect_timeout_s, 0.25)
+        try:
+            self._reader = _Reader(self._client, stream, durable_name, start_seq, timeout_s, ack_wait_s)
+        except BaseException:
+            self._client.close()
+            raise
+
+    @property
+    def next_seq(self) -> int:
+        """The sequence the next record returned by ``fetch`` will have."""
+        return self._reader.next_seq
+
+    def fetch(self, max_records: int, timeout_s: float) -> list[tuple[int, bytes]]:
+        """Up to ``max_records`` next ``(stream_sequence, record)``s, in order, without gaps.
+
+        Waits up to ``timeout_s`` for the first record and returns ``[]`` if none came.
+
+        Raises:
+            LogTruncated: the next records were purged before this consumer read them.
+            DecodeError, UnsupportedVersion: a message is not a log record of a known version.
+            LogUnavailable: the consumer could not be recreated after a gap in time.
+        """
+        return self._reader.fetch(max_records, timeout_s)
+
+    def last_seq(self) -> int:
+        """The stream's newest sequence (0 if it never had a record); ``last_seq() - next_seq + 1``
+        is this consumer's lag. Raises ``LogUnavailable`` if the stream does not answer."""
+        return self.state().last_seq
+
+    def state(self) -> StreamState:
+        """The stream's sequences, size and current leader."""
+        return self._client.run(self._client.stream_state(self.stream, self.timeout_s), self.timeout_s + 1,
+                                f"read state of stream {self.stream}")
+
+    def purge_below(self, seq: int) -> None:
+        """Removes records with sequence < ``seq`` from the stream, on every replica.
+
+        Call it with the lowest checkpoint + 1 over all replicas of the shard.
+        """
+        self._client.run(self._client.purge_below(self.stream, seq, self.timeout_s), self.timeout_s + 1,
+                         f"purge stream {self.stream}")
+
+    def close(self, delete: bool = False) -> None:
+        """Closes the connection; with ``delete`` the durable consumer is removed from the stream too."""
+        if delete:
+            self._reader.delete_quietly()
+        self._client.close()

