@@ -1,0 +1,354 @@
+"""The Prometheus HTTP query API (``web/api/v1/api.go``) over a ``Querier`` and our ``Engine``.
+
+Handlers parse parameters exactly as Prometheus does (unix or RFC 3339
+times, float-seconds or duration steps), map typed errors to Prometheus'
+``errorType`` and status code in one place (``_error_response``) and write
+JSON in Prometheus' shape: sample values as strings formatted like Go's
+``strconv.FormatFloat(v, 'f', -1, 64)``, timestamps as seconds with up to
+three decimals.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from datetime import datetime, timezone
+from typing import Callable
+
+import promql_parser as pp
+
+from querier.aggregations import format_value
+from querier.engine import Engine, parse, selector_matchers
+from querier.errors import QueryError
+from querier.values import Result
+from store.errors import InvalidMatcher
+from store.httpserver import Request, Response, Router
+from store.matchers import Matcher
+from store.storage import Querier, SelectHints
+
+VERSION = "0.1.0"
+MIN_TIME_MS = (-(2**63) // 1000 + 62135596801) * 1000
+MAX_TIME_MS = ((2**63 - 1) // 1000 - 62135596801) * 1000 + 999
+MAX_POINTS = 11_000
+
+_STATUS = {"bad_data": 400, "execution": 422, "canceled": 499, "timeout": 503, "internal": 500,
+           "not_found": 404, "unavailable": 503}
+_RFC3339 = re.compile(r"^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
+_DURATION = re.compile(r"^(?:(\d+)y)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?$")
+_DURATION_MS = (31_536_000_000, 604_800_000, 86_400_000, 3_600_000, 60_000, 1000, 1)
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+
+class ApiError(Exception):
+    """An error answered to the client with Prometheus' ``errorType``."""
+
+    def __init__(self, error_type: str, message: str) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+
+
+def _bad(param: str, msg: str) -> ApiError:
+    return ApiError("bad_data", f"invalid parameter {json.dumps(param)}: {msg}")
+
+
+def parse_time(s: str) -> int:
+    """Unix seconds (float) or RFC 3339 to ms, as Prometheus' parseTime; raises ``ValueError``."""
+    try:
+        t = float(s)
+        if not math.isfinite(t):
+            raise ValueError
+        whole = math.trunc(t)
+        return int(whole) * 1000 + int(round((t - whole) * 1000))
+    except ValueError:
+        pass
+    m = _RFC3339.match(s)
+    if m is None:
+        raise ValueError(f"cannot parse {json.dumps(s)} to a valid timestamp")
+    y, mo, d, h, mi, sec = (int(g) for g in m.groups()[:6])
+    frac = m.group(7) or ""
+    tz = m.group(8)
+    try:
+        dt = datetime(y, mo, d, h, mi, sec, tzinfo=timezone.utc)
+    except ValueError:
+        raise ValueError(f"cannot parse {json.dumps(s)} to a valid timestamp") from None
+    ms = int(dt.timestamp()) * 1000 + (int((frac[1:] + "000")[:3]) if frac else 0)
+    if tz not in ("Z", "z"):
+        sign = 1 if tz[0] == "+" else -1
+        ms -= sign * (int(tz[1:3]) * 3_600_000 + int(tz[4:6]) * 60_000)
+    return ms
+
+
+def parse_duration(s: str) -> int:
+    """Float seconds or a Prometheus duration (``1m30s``) to ms; raises ``ValueError``."""
+    try:
+        d = float(s)
+    except ValueError:
+        m = _DURATION.match(s)
+        if not s or m is None or not any(m.groups()):
+            raise ValueError(f"cannot parse {json.dumps(s)} to a valid duration") from None
+        return sum(int(g) * u for g, u in zip(m.groups(), _DURATION_MS) if g)
+    if not math.isfinite(d) or abs(d * 1e9) >= 2**63:
+        raise ValueError(f"cannot parse {json.dumps(s)} to a valid duration. It overflows int64")
+    return int(round(d * 1000))
+
+
+def format_timestamp(t: int) -> str:
+    """Milliseconds as Prometheus writes them: ``1435781451.781``, ``1435781451``."""
+    sign = "-" if t < 0 else ""
+    t = abs(t)
+    frac = t % 1000
+    return f"{sign}{t // 1000}.{frac:03d}" if frac else f"{sign}{t // 1000}"
+
+
+def _labels_json(lbls) -> str:
+    return json.dumps(dict(lbls), ensure_ascii=False, separators=(",", ":"))
+
+
+def result_json(res: Result) -> str:
+    """The ``data`` object of a query response."""
+    rt = res.result_type
+    if rt == "scalar" or rt == "string":
+        t, v = res.data
+        val = format_value(v) if rt == "scalar" else v
+        return f'{{"resultType":"{rt}","result":[{format_timestamp(t)},{json.dumps(val)}]}}'
+    parts = []
+    if rt == "vector":
+        for s in res.data:
+            parts.append(f'{{"metric":{_labels_json(s.labels)},"value":[{format_timestamp(s.t)},"{format_value(s.value)}"]}}')
+    else:
+        for s in res.data:
+            pts = ",".join(f'[{format_timestamp(t)},"{format_value(v)}"]'
+                           for t, v in zip(s.timestamps.tolist(), s.values.tolist()))
+            parts.append(f'{{"metric":{_labels_json(s.labels)},"values":[{pts}]}}')
+    return f'{{"resultType":"{rt}","result":[{",".join(parts)}]}}'
+
+
+def _success(data_json: str, warnings: list[str] | None = None, infos: list[str] | None = None) -> Response:
+    body = '{"status":"success","data":' + data_json
+    if warnings:
+        body += ',"warnings":' + json.dumps(warnings)
+    if infos:
+        body += ',"infos":' + json.dumps(infos)
+    return Response(200, (body + "}").encode(), "application/json")
+
+
+def _error_response(error_type: str, message: str) -> Response:
+    body = json.dumps({"status": "error", "errorType": error_type, "error": message})
+    return Response(_STATUS.get(error_type, 500), body.encode(), "application/json")
+
+
+class QueryAPI:
+    """Serves ``/api/v1/query``, ``query_range``, ``series``, ``labels``, ``label/<name>/values``, ``status/buildinfo``.
+
+    Args:
+        querier_factory: returns the ``Querier`` a request reads from (called once per request).
+        engine: evaluates PromQL.
+        now: the clock, seconds since the epoch (default ``time`` of instant queries).
+    """
+
+    def __init__(self, querier_factory: Callable[[], Querier], engine: Engine, now: Callable[[], float]) -> None:
+        self._querier_factory = querier_factory
+        self._engine = engine
+        self._now = now
+
+    def router(self) -> Router:
+        r = Router()
+        both = ("GET", "POST")
+        r.route("/api/v1/query", self._wrap(self.query), both, name="query", max_body=1 << 20)
+        r.route("/api/v1/query_range", self._wrap(self.query_range), both, name="query_range", max_body=1 << 20)
+        r.route("/api/v1/series", self._wrap(self.series), both, name="series", max_body=1 << 20)
+        r.route("/api/v1/labels", self._wrap(self.labels), both, name="labels", max_body=1 << 20)
+        r.route("/api/v1/label/", self._wrap(self.label_values), ("GET",), name="label_values", prefix=True)
+        r.route("/api/v1/status/buildinfo", self._wrap(self.buildinfo), ("GET",), name="buildinfo")
+        return r
+
+    def _wrap(self, fn: Callable[[Request], Response]) -> Callable[[Request], Response]:
+        def handler(req: Request) -> Response:
+            try:
+                return fn(req)
+            except ApiError as e:
+                return _error_response(e.error_type, str(e))
+            except QueryError as e:
+                return _error_response(e.error_type, str(e))
+        return handler
+
+    # ---- parameters ----
+
+    @staticmethod
+    def _param(form: dict[str, list[str]], name: str) -> str:
+        v = form.get(name)
+        return v[0] if v else ""
+
+    def _time(self, form, name: str, default: int) -> int:
+        s = self._param(form, name)
+        if s == "":
+            return default
+        try:
+            return parse_time(s)
+        except ValueError as e:
+            raise _bad(name, str(e)) from None
+
+    def _timeout(self, form) -> float | None:
+        s = self._param(form, "timeout")
+        if not s:
+            return None
+        try:
+            return parse_duration(s) / 1000.0
+        except ValueError as e:
+            raise _bad("timeout", str(e)) from None
+
+    def _lookback(self, form) -> int | None:
+        s = self._param(form, "lookback_delta")
+        if not s:
+            return None
+        try:
+            return parse_duration(s)
+        except ValueError as e:
+            raise _bad("lookback_delta", str(e)) from None
+
+    # ---- handlers ----
+
+    def query(self, req: Request) -> Response:
+        form = req.form()
+        t = self._time(form, "time", int(self._now() * 1000))
+        timeout = self._timeout(form)
+        lookback = self._lookback(form)
+        expr = self._param(form, "query")
+        try:
+            parse(expr)
+        except QueryError as e:
+            raise _bad("query", str(e)) from None
+        res = self._engine.instant(self._querier_factory(), expr, t, timeout_s=timeout, lookback_delta_ms=lookback)
+        return _success(result_json(res), res.warnings, res.infos)
+
+    def query_range(self, req: Request) -> Response:
+        form = req.form()
+        try:
+            start = parse_time(self._param(form, "start"))
+        except ValueError as e:
+            raise _bad("start", str(e)) from None
+        try:
+            end = parse_time(self._param(form, "end"))
+        except ValueError as e:
+            raise _bad("end", str(e)) from None
+        if end < start:
+            raise ApiError("bad_data", "end timestamp must not be before start time")
+        try:
+            step = parse_duration(self._param(form, "step"))
+        except ValueError as e:
+            raise _bad("step", str(e)) from None
+        if step <= 0:
+            raise ApiError("bad_data", "zero or negative query resolution step widths are not accepted. Try a positive integer")
+        if (end - start) // step > MAX_POINTS:
+            raise ApiError("bad_data", "exceeded maximum resolution of 11,000 points per timeseries. Try decreasing the query resolution (?step=XX)")
+        timeout = self._timeout(form)
+        lookback = self._lookback(form)
+        expr = self._param(form, "query")
+        try:
+            ast = parse(expr)
+        except QueryError as e:
+            raise _bad("query", str(e)) from None
+        if isinstance(_unparen(ast), (pp.MatrixSelector, pp.StringLiteral)):
+            kind = "range vector" if isinstance(_unparen(ast), pp.MatrixSelector) else "string"
+            raise _bad("query", f'invalid expression type "{kind}" for range query, must be Scalar or instant Vector')
+        res = self._engine.range(self._querier_factory(), expr, start, end, step, timeout_s=timeout,
+                                 lookback_delta_ms=lookback)
+        return _success(result_json(res), res.warnings, res.infos)
+
+    def _matcher_sets(self, form) -> list[list[Matcher]]:
+        sets = []
+        for s in form.get("match[]", []):
+            try:
+                ast = parse(s)
+            except QueryError as e:
+                raise _bad("match[]", str(e)) from None
+            ast = _unparen(ast)
+            if not isinstance(ast, pp.VectorSelector):
+                raise _bad("match[]", "parse error: expected vector selector")
+            try:
+                sets.append(selector_matchers(ast))
+            except (InvalidMatcher, QueryError) as e:
+                raise _bad("match[]", str(e)) from None
+        return sets
+
+    def _range(self, form) -> tuple[int, int]:
+        return self._time(form, "start", MIN_TIME_MS), self._time(form, "end", MAX_TIME_MS)
+
+    def _limit(self, form) -> int:
+        s = self._param(form, "limit")
+        if not s:
+            return 0
+        try:
+            n = int(s)
+        except ValueError:
+            raise _bad("limit", f"cannot parse {json.dumps(s)} to a valid limit") from None
+        if n < 0:
+            raise _bad("limit", "limit must be non-negative")
+        return n
+
+    def series(self, req: Request) -> Response:
+        form = req.form()
+        sets = self._matcher_sets(form)
+        if not sets:
+            raise ApiError("bad_data", "no match[] parameter provided")
+        mint, maxt = self._range(form)
+        limit = self._limit(form)
+        q = self._querier_factory()
+        found = set()
+        for ms in sets:
+            for s in q.select(ms, mint, maxt, SelectHints(mint, maxt, func="series")):
+                found.add(s.labels)
+        out = sorted(found)
+        warnings = []
+        if limit and len(out) > limit:
+            out = out[:limit]
+            warnings.append("results truncated due to limit")
+        return _success("[" + ",".join(_labels_json(lb) for lb in out) + "]", warnings)
+
+    def labels(self, req: Request) -> Response:
+        form = req.form()
+        sets = self._matcher_sets(form)
+        mint, maxt = self._range(form)
+        limit = self._limit(form)
+        q = self._querier_factory()
+        names: set[str] = set()
+        for ms in sets or [[]]:
+            names.update(q.label_names(ms, mint, maxt))
+        return self._string_list(sorted(names), limit)
+
+    def label_values(self, req: Request) -> Response:
+        rest = req.params.get("rest", "")
+        if not rest.endswith("/values") or rest.count("/") != 1:
+            return _error_response("not_found", "not found")
+        name = rest[: -len("/values")]
+        if not _LABEL_NAME.match(name):
+            raise ApiError("bad_data", f"invalid label name: {json.dumps(name)}")
+        form = req.form()
+        sets = self._matcher_sets(form)
+        mint, maxt = self._range(form)
+        limit = self._limit(form)
+        q = self._querier_factory()
+        values: set[str] = set()
+        for ms in sets or [[]]:
+            values.update(q.label_values(name, ms, mint, maxt))
+        return self._string_list(sorted(values), limit)
+
+    @staticmethod
+    def _string_list(items: list[str], limit: int) -> Response:
+        warnings = []
+        if limit and len(items) > limit:
+            items = items[:limit]
+            warnings.append("results truncated due to limit")
+        return _success(json.dumps(items, ensure_ascii=False), warnings)
+
+    def buildinfo(self, req: Request) -> Response:
+        info = {"version": VERSION, "revision": "", "branch": "", "buildUser": "", "buildDate": "",
+                "goVersion": "flashback (python)"}
+        return _success(json.dumps(info))
+
+
+def _unparen(ast):
+    while isinstance(ast, pp.ParenExpr):
+        ast = ast.expr
+    return ast

@@ -1,0 +1,388 @@
+"""The PromQL engine: parses an expression and evaluates it over the whole step grid with numpy.
+
+Every node evaluates once for all steps of the query (see ``values.py``):
+a vector selector is one ``searchsorted`` over all series' samples, range
+functions work on per-step windows ``(t - range, t]`` of flat sample arrays,
+aggregations and binary operators are array operations over
+``(series, steps)`` matrices. Semantics follow Prometheus 3
+(``promql/engine.go``): lookback delta with a left-open window, stale markers,
+``offset`` and ``@`` (including ``start()``/``end()``), subqueries aligned to
+their step, the metric name dropped by functions and arithmetic.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import promql_parser as pp
+
+from querier import aggregations, binops, functions
+from querier.errors import ExecutionError, ParseError, QueryTimeout, TooManySamples, Unsupported
+from querier.values import (RangeSeries, RangeVector, Result, Sample, Scalar, String, Value, Vector,
+                            is_stale, window_indices)
+from store.labels import METRIC_NAME, Labels
+from store.matchers import Matcher, MatchType
+from store.storage import Querier, SelectHints
+
+_MATCH_OPS = {"MatchOp.Equal": MatchType.EQ, "MatchOp.NotEqual": MatchType.NEQ,
+              "MatchOp.Re": MatchType.RE, "MatchOp.NotRe": MatchType.NRE}
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+
+
+def duration_ms(d: datetime.timedelta | None) -> int:
+    """A parser duration in whole milliseconds (0 for none)."""
+    if d is None:
+        return 0
+    return (d.days * 86_400_000_000 + d.seconds * 1_000_000 + d.microseconds) // 1000
+
+
+def parse(expr: str) -> pp.Expr:
+    """Parses ``expr``; raises ``ParseError`` with Prometheus' ``parse error: ...`` wording."""
+    try:
+        return pp.parse(expr)
+    except ValueError as e:
+        raise ParseError(f"parse error: {e}") from None
+    except BaseException as e:  # the Rust parser may panic on odd input
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise ParseError(f"parse error: {e}") from None
+
+
+def selector_matchers(vs: pp.VectorSelector) -> list[Matcher]:
+    """Our matchers for a parsed vector selector; the metric name becomes a ``__name__`` matcher."""
+    if vs.matchers.or_matchers:
+        raise Unsupported("'or' inside a vector selector is not supported")
+    out = []
+    if vs.name:
+        out.append(Matcher(MatchType.EQ, METRIC_NAME, vs.name))
+    for m in vs.matchers.matchers:
+        out.append(Matcher(_MATCH_OPS[str(m.op)], m.name, m.value))
+    return out
+
+
+@dataclass
+class EvalContext:
+    """What every node's evaluation needs: the step grid, the data and the limits."""
+
+    querier: Querier
+    steps: np.ndarray  # int64 ms, the evaluation timestamps
+    query_start: int  # for @ start()
+    query_end: int  # for @ end()
+    interval: int  # step of the grid (ms); 0 for an instant evaluation
+    lookback: int
+    deadline: float
+    max_samples: int
+    subquery_step: int
+    samples: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    def check(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise QueryTimeout("query timed out in expression evaluation")
+
+    def account(self, n: int) -> None:
+        """Counts ``n`` samples held in memory against ``max_samples``."""
+        self.samples += n
+        if self.samples > self.max_samples:
+            raise TooManySamples("query processing would load too many samples into memory in query execution")
+
+    def on_grid(self, steps: np.ndarray, interval: int) -> "EvalContext":
+        sub = EvalContext(self.querier, steps, self.query_start, self.query_end, interval, self.lookback,
+                          self.deadline, self.max_samples, self.subquery_step, self.samples, self.warnings)
+        return sub
+
+
+class Engine:
+    """Evaluates PromQL against a ``Querier``.
+
+    Thread-safe: an engine holds only its options; every query gets its own
+    ``EvalContext``.
+
+    Args:
+        lookback_delta_ms: how far back an instant selector looks for a sample.
+        max_samples: most samples a query may hold at once (``TooManySamples``).
+        timeout_s: default deadline of a query.
+        subquery_step_ms: step of subqueries written without one (``x[5m:]``).
+    """
+
+    def __init__(self, lookback_delta_ms: int = 300_000, max_samples: int = 50_000_000,
+                 timeout_s: float = 120, subquery_step_ms: int = 60_000) -> None:
+        self.lookback_delta_ms = lookback_delta_ms
+        self.max_samples = max_samples
+        self.timeout_s = timeout_s
+        self.subquery_step_ms = subquery_step_ms
+
+    def instant(self, querier: Querier, expr: str, t_ms: int, *, timeout_s: float | None = None,
+                lookback_delta_ms: int | None = None) -> Result:
+        """Evaluates ``expr`` at ``t_ms``: a vector, scalar, string or (for a range selector) matrix."""
+        ast = parse(expr)
+        ctx = self._context(querier, np.array([t_ms], dtype=np.int64), t_ms, t_ms, 0, timeout_s, lookback_delta_ms)
+        val = evaluate(ast, ctx)
+        if isinstance(val, Scalar):
+            return Result("scalar", (t_ms, float(val.values[0])), ctx.warnings)
+        if isinstance(val, String):
+            return Result("string", (t_ms, val.value), ctx.warnings)
+        if isinstance(val, RangeVector):
+            lo, hi = val.windows()
+            out = []
+            for i, lbls in enumerate(val.labels):
+                a, b = int(lo[i, 0]), int(hi[i, 0])
+                if b > a:
+                    out.append(RangeSeries(lbls, val.ts[a:b].copy(), val.values[a:b].copy()))
+            out.sort(key=lambda s: s.labels)
+            return Result("matrix", out, ctx.warnings)
+        rows = [i for i in range(len(val.labels)) if val.present[i, 0]]
+        order = _instant_order(ast)
+        if order is None:
+            rows.sort(key=lambda i: val.labels[i])
+        elif order != "engine":
+            vals = val.values[:, 0]
+            desc = order == "desc"
+            # NaN sorts last either way, as Prometheus' sort functions do.
+            rows.sort(key=lambda i: (np.isnan(vals[i]), -vals[i] if desc else vals[i]))
+        return Result("vector", [Sample(val.labels[i], t_ms, float(val.values[i, 0])) for i in rows], ctx.warnings)
+
+    def range(self, querier: Querier, expr: str, start_ms: int, end_ms: int, step_ms: int, *,
+              timeout_s: float | None = None, lookback_delta_ms: int | None = None) -> Result:
+        """Evaluates ``expr`` at ``start_ms, start_ms + step_ms, ... <= end_ms``; always a matrix."""
+        if step_ms <= 0:
+            raise ExecutionError("zero or negative query resolution step widths are not accepted. Try a positive integer")
+        if end_ms < start_ms:
+            raise ExecutionError("end timestamp must not be before start time")
+        ast = parse(expr)
+        steps = np.arange(start_ms, end_ms + 1, step_ms, dtype=np.int64)
+        ctx = self._context(querier, steps, start_ms, end_ms, step_ms, timeout_s, lookback_delta_ms)
+        val = evaluate(ast, ctx)
+        if isinstance(val, RangeVector):
+            raise ExecutionError('invalid expression type "range vector" for range query, must be Scalar or instant Vector')
+        if isinstance(val, String):
+            raise ExecutionError('invalid expression type "string" for range query, must be Scalar or instant Vector')
+        if isinstance(val, Scalar):
+            return Result("matrix", [RangeSeries(Labels(), steps.copy(), val.values.copy())], ctx.warnings)
+        val = merge_same_labels(val, "vector cannot contain metrics with the same labelset")
+        out = []
+        for i, lbls in enumerate(val.labels):
+            p = val.present[i]
+            if p.any():
+                out.append(RangeSeries(lbls, steps[p], val.values[i][p]))
+        out.sort(key=lambda s: s.labels)
+        return Result("matrix", out, ctx.warnings)
+
+    def _context(self, querier: Querier, steps: np.ndarray, start: int, end: int, interval: int,
+                 timeout_s: float | None, lookback_delta_ms: int | None) -> EvalContext:
+        timeout = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
+        return EvalContext(querier, steps, start, end, interval,
+                           lookback_delta_ms or self.lookback_delta_ms, time.monotonic() + timeout,
+                           self.max_samples, self.subquery_step_ms)
+
+
+def _instant_order(ast: pp.Expr) -> str | None:
+    """How an instant vector result is ordered: None (by labels), "asc"/"desc" (by value) or "engine"."""
+    while isinstance(ast, pp.ParenExpr):
+        ast = ast.expr
+    if isinstance(ast, pp.Call):
+        name = ast.func.name
+        if name == "sort":
+            return "asc"
+        if name == "sort_desc":
+            return "desc"
+        if name in ("sort_by_label", "sort_by_label_desc"):
+            return "engine"
+    if isinstance(ast, pp.AggregateExpr):
+        op = str(ast.op)
+        if op == "topk":
+            return "desc"
+        if op == "bottomk":
+            return "asc"
+    return None
+
+
+def evaluate(node: pp.Expr, ctx: EvalContext) -> Value:
+    """Evaluates one AST node over ``ctx.steps``."""
+    ctx.check()
+    if isinstance(node, pp.NumberLiteral):
+        return Scalar(np.full(len(ctx.steps), float(node.val)))
+    if isinstance(node, pp.StringLiteral):
+        return String(node.val)
+    if isinstance(node, pp.ParenExpr):
+        return evaluate(node.expr, ctx)
+    if isinstance(node, pp.VectorSelector):
+        return eval_vector_selector(node, ctx)[0]
+    if isinstance(node, pp.MatrixSelector):
+        return eval_matrix_selector(node, ctx)
+    if isinstance(node, pp.SubqueryExpr):
+        return eval_subquery(node, ctx)
+    if isinstance(node, pp.UnaryExpr):
+        val = evaluate(node.expr, ctx)
+        if isinstance(val, Scalar):
+            return Scalar(-val.values)
+        if isinstance(val, Vector):
+            return merge_same_labels(Vector([drop_name(lb) for lb in val.labels], -val.values, val.present),
+                                     "vector cannot contain metrics with the same labelset")
+        raise ExecutionError("unary minus needs a scalar or an instant vector")
+    if isinstance(node, pp.BinaryExpr):
+        return binops.evaluate_binary(node, ctx)
+    if isinstance(node, pp.AggregateExpr):
+        return aggregations.evaluate_aggregate(node, ctx)
+    if isinstance(node, pp.Call):
+        return functions.evaluate_call(node, ctx)
+    raise Unsupported(f"unsupported expression type {type(node).__name__}")
+
+
+def reference_times(ctx: EvalContext, at: pp.AtModifier | None, offset: datetime.timedelta | None) -> np.ndarray:
+    """The timestamp each step reads data at: the step time (or the ``@`` time) minus the offset."""
+    base = ctx.steps
+    if at is not None:
+        kind = str(at.type)
+        if kind.endswith("Start"):
+            t = ctx.query_start
+        elif kind.endswith("End"):
+            t = ctx.query_end
+        else:
+            try:
+                when = at.at
+            except BaseException as e:  # the parser cannot represent times before 1970
+                if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                    raise
+                raise Unsupported("@ timestamps before 1970 are not supported") from None
+            t = duration_ms(when - _EPOCH)
+        base = np.full(len(ctx.steps), t, dtype=np.int64)
+    return base - duration_ms(offset)
+
+
+@dataclass(slots=True)
+class Selection:
+    """The raw samples of a selector, series end to end (see ``RangeVector``)."""
+
+    labels: list[Labels]
+    ts: np.ndarray
+    values: np.ndarray
+    offsets: np.ndarray
+
+
+def select(ctx: EvalContext, vs: pp.VectorSelector, mint: int, maxt: int, range_ms: int, func: str) -> Selection:
+    """Reads the series of ``vs`` with samples in ``[mint, maxt]`` from the querier."""
+    hints = SelectHints(mint, maxt, ctx.interval, range_ms, func)
+    series = ctx.querier.select(selector_matchers(vs), mint, maxt, hints)
+    labels, ts_parts, val_parts = [], [], []
+    for s in series:
+        t, v = s.samples()
+        labels.append(s.labels)
+        ts_parts.append(np.asarray(t, dtype=np.int64))
+        val_parts.append(np.asarray(v, dtype=np.float64))
+    offsets = np.zeros(len(labels) + 1, dtype=np.int64)
+    if labels:
+        np.cumsum([len(t) for t in ts_parts], out=offsets[1:])
+        ts = np.concatenate(ts_parts)
+        vals = np.concatenate(val_parts)
+    else:
+        ts, vals = np.zeros(0, dtype=np.int64), np.zeros(0)
+    ctx.account(len(ts))
+    ctx.check()
+    return Selection(labels, ts, vals, offsets)
+
+
+def eval_vector_selector(vs: pp.VectorSelector, ctx: EvalContext) -> tuple[Vector, np.ndarray]:
+    """The instant vector of ``vs`` and the timestamp (ms) of every selected sample."""
+    ref = reference_times(ctx, vs.at, vs.offset)
+    if len(ref) == 0:
+        return Vector.empty(0), np.zeros((0, 0), dtype=np.int64)
+    sel = select(ctx, vs, int(ref.min()) - ctx.lookback + 1, int(ref.max()), 0, "")
+    lo, hi = window_indices(sel.ts, sel.offsets, ref - ctx.lookback, ref)
+    present = hi > lo
+    idx = np.where(present, hi - 1, 0)
+    if len(sel.ts):
+        vals = sel.values[idx]
+        sts = sel.ts[idx]
+        present &= ~is_stale(vals)
+    else:
+        vals = np.zeros(idx.shape)
+        sts = np.zeros(idx.shape, dtype=np.int64)
+    ctx.account(int(present.sum()))
+    return Vector(sel.labels, vals, present), sts
+
+
+def eval_matrix_selector(ms: pp.MatrixSelector, ctx: EvalContext) -> RangeVector:
+    vs = ms.vector_selector
+    range_ms = duration_ms(ms.range)
+    ref = reference_times(ctx, vs.at, vs.offset)
+    if len(ref) == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return RangeVector([], empty, np.zeros(0), np.zeros(1, dtype=np.int64), ref, ref, range_ms)
+    sel = select(ctx, vs, int(ref.min()) - range_ms + 1, int(ref.max()), range_ms, "")
+    stale = is_stale(sel.values)
+    if stale.any():
+        keep = ~stale
+        counts = np.add.reduceat(keep.astype(np.int64), sel.offsets[:-1]) if len(keep) else np.zeros(0, np.int64)
+        # reduceat gives a wrong count for empty series; recompute those from offsets.
+        counts = np.where(np.diff(sel.offsets) == 0, 0, counts)
+        offsets = np.zeros_like(sel.offsets)
+        np.cumsum(counts, out=offsets[1:])
+        sel = Selection(sel.labels, sel.ts[keep], sel.values[keep], offsets)
+    return RangeVector(sel.labels, sel.ts, sel.values, sel.offsets, ref - range_ms, ref, range_ms)
+
+
+def eval_subquery(sq: pp.SubqueryExpr, ctx: EvalContext) -> RangeVector:
+    """Evaluates the inner expression on its own aligned grid and windows it like a range selector."""
+    range_ms = duration_ms(sq.range)
+    step = duration_ms(sq.step) or ctx.subquery_step
+    ref = reference_times(ctx, sq.at, sq.offset)
+    if len(ref) == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return RangeVector([], empty, np.zeros(0), np.zeros(1, dtype=np.int64), ref, ref, range_ms)
+    first = (int(ref.min()) - range_ms) // step * step + step  # first multiple of step after the window start
+    last = int(ref.max())
+    steps = np.arange(first, last + 1, step, dtype=np.int64)
+    inner = evaluate(sq.expr, ctx.on_grid(steps, step))
+    if isinstance(inner, Scalar):
+        inner = Vector([Labels()], inner.values[None, :], np.ones((1, len(steps)), dtype=bool))
+    if not isinstance(inner, Vector):
+        raise ExecutionError("subquery is only allowed on instant vector or scalar")
+    counts = inner.present.sum(axis=1)
+    offsets = np.zeros(len(inner.labels) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    grid = np.broadcast_to(steps, inner.present.shape)
+    ts = grid[inner.present]
+    vals = inner.values[inner.present]
+    return RangeVector(list(inner.labels), ts, vals, offsets, ref - range_ms, ref, range_ms)
+
+
+def drop_name(lbls: Labels) -> Labels:
+    """Labels without ``__name__`` (and the ``__type__``/``__unit__`` metadata labels)."""
+    if any(n.startswith("__") for n, _ in lbls):
+        return Labels.sorted_unchecked(p for p in lbls if p[0] not in (METRIC_NAME, "__type__", "__unit__"))
+    return lbls
+
+
+def merge_same_labels(vec: Vector, message: str) -> Vector:
+    """Merges rows with equal labels into one; raises ``ExecutionError(message)`` if two are present at one step."""
+    first: dict[Labels, int] = {}
+    dups = False
+    for i, lb in enumerate(vec.labels):
+        if lb in first:
+            dups = True
+        else:
+            first[lb] = i
+    if not dups:
+        return vec
+    groups: dict[Labels, list[int]] = {}
+    for i, lb in enumerate(vec.labels):
+        groups.setdefault(lb, []).append(i)
+    labels, values, present = [], [], []
+    for lb, rows in groups.items():
+        if len(rows) == 1:
+            labels.append(lb)
+            values.append(vec.values[rows[0]])
+            present.append(vec.present[rows[0]])
+            continue
+        p = vec.present[rows]
+        if (p.sum(axis=0) > 1).any():
+            raise ExecutionError(message)
+        which = np.argmax(p, axis=0)
+        labels.append(lb)
+        values.append(vec.values[rows][which, np.arange(p.shape[1])])
+        present.append(p.any(axis=0))
+    return Vector(labels, np.array(values).reshape(len(labels), -1), np.array(present).reshape(len(labels), -1))

@@ -1,0 +1,160 @@
+"""HTTP API tests through the Router: status codes, JSON shape, error types, value formatting."""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+
+import pytest
+
+from querier.api import QueryAPI, format_timestamp, parse_duration, parse_time
+from querier.aggregations import format_value
+from querier.engine import Engine
+from store.httpserver import Request
+from store.labels import Labels
+from tests.querier.fakequerier import FakeQuerier
+
+NOW = 1_700_000_000.0
+
+
+@pytest.fixture
+def api():
+    q = FakeQuerier()
+    base = int(NOW * 1000)
+    q.add(Labels.from_dict({"__name__": "up", "job": "api", "instance": "a"}), [base - 60_000, base], [1, 0.5])
+    q.add(Labels.from_dict({"__name__": "up", "job": "db", "instance": "b"}), [base - 60_000, base], [1e21, 1e-7])
+    q.add(Labels.from_dict({"__name__": "other", "job": "api", "zone": "z1"}), [base], [3])
+    return QueryAPI(lambda: q, Engine(), lambda: NOW).router()
+
+
+def call(router, path, params=(), method="GET"):
+    route, extra = router.match(path)
+    assert route is not None, path
+    body = b""
+    query: dict[str, list[str]] = {}
+    headers = {}
+    if method == "GET":
+        for k, v in params:
+            query.setdefault(k, []).append(v)
+    else:
+        body = urllib.parse.urlencode(list(params)).encode()
+        headers["content-type"] = "application/x-www-form-urlencoded"
+    resp = route.handler(Request(method, path, query, headers, body, extra))
+    return resp.status, json.loads(resp.body)
+
+
+def test_instant_query_vector(api):
+    status, body = call(api, "/api/v1/query", [("query", "up"), ("time", "1700000000.5")])
+    assert status == 200
+    assert body["status"] == "success" and "warnings" not in body
+    assert body["data"]["resultType"] == "vector"
+    assert body["data"]["result"] == [
+        {"metric": {"__name__": "up", "instance": "a", "job": "api"}, "value": [1700000000.5, "0.5"]},
+        {"metric": {"__name__": "up", "instance": "b", "job": "db"}, "value": [1700000000.5, "0.0000001"]},
+    ]
+
+
+def test_instant_query_defaults_to_now_and_scalar(api):
+    status, body = call(api, "/api/v1/query", [("query", "1/0")])
+    assert status == 200
+    assert body["data"] == {"resultType": "scalar", "result": [1700000000, "+Inf"]}
+
+
+def test_range_query_post_form(api):
+    params = [("query", 'up{job="db"}'), ("start", "1699999940"), ("end", "2023-11-14T22:13:20Z"), ("step", "1m")]
+    status, body = call(api, "/api/v1/query_range", params, method="POST")
+    assert status == 200
+    (series,) = body["data"]["result"]
+    assert body["data"]["resultType"] == "matrix"
+    assert series["metric"] == {"__name__": "up", "instance": "b", "job": "db"}
+    assert series["values"] == [[1699999940, "1000000000000000000000"], [1700000000, "0.0000001"]]
+
+
+@pytest.mark.parametrize("params,message", [
+    ([("query", "up"), ("start", "x"), ("end", "1"), ("step", "1")], 'invalid parameter "start": cannot parse "x" to a valid timestamp'),
+    ([("query", "up"), ("end", "1"), ("step", "1")], 'invalid parameter "start": cannot parse "" to a valid timestamp'),
+    ([("query", "up"), ("start", "10"), ("end", "5"), ("step", "1")], "end timestamp must not be before start time"),
+    ([("query", "up"), ("start", "1"), ("end", "5"), ("step", "0")],
+     "zero or negative query resolution step widths are not accepted. Try a positive integer"),
+    ([("query", "up"), ("start", "1"), ("end", "5"), ("step", "abc")], 'invalid parameter "step": cannot parse "abc" to a valid duration'),
+    ([("query", "up"), ("start", "0"), ("end", "100000"), ("step", "1")],
+     "exceeded maximum resolution of 11,000 points per timeseries. Try decreasing the query resolution (?step=XX)"),
+    ([("query", "sum("), ("start", "0"), ("end", "10"), ("step", "1")], 'invalid parameter "query": parse error: unclosed left parenthesis'),
+    ([("query", "up[5m]"), ("start", "0"), ("end", "10"), ("step", "1")],
+     'invalid parameter "query": invalid expression type "range vector" for range query, must be Scalar or instant Vector'),
+], ids=["bad-start", "missing-start", "end-before-start", "zero-step", "bad-step", "too-many-points", "parse-error", "range-vector"])
+def test_range_query_bad_data(api, params, message):
+    status, body = call(api, "/api/v1/query_range", params)
+    assert status == 400
+    assert body == {"status": "error", "errorType": "bad_data", "error": message}
+
+
+def test_execution_and_timeout_errors():
+    q = FakeQuerier()
+    q.add(Labels.from_dict({"__name__": "a", "job": "x"}), [0], [1])
+    q.add(Labels.from_dict({"__name__": "b", "job": "x"}), [0], [2])
+    router = QueryAPI(lambda: q, Engine(), lambda: 0.0).router()
+    status, body = call(router, "/api/v1/query", [("query", '-{job="x"}'), ("time", "0")])
+    assert status == 422 and body["errorType"] == "execution"
+    assert body["error"] == "vector cannot contain metrics with the same labelset"
+    router = QueryAPI(lambda: q, Engine(timeout_s=-1), lambda: 0.0).router()
+    status, body = call(router, "/api/v1/query", [("query", "a"), ("time", "0")])
+    assert status == 503 and body["errorType"] == "timeout"
+    status, body = call(router, "/api/v1/query", [("query", "a"), ("time", "0"), ("timeout", "zz")])
+    assert status == 400 and body["error"] == 'invalid parameter "timeout": cannot parse "zz" to a valid duration'
+
+
+def test_series(api):
+    status, body = call(api, "/api/v1/series", [("match[]", "up"), ("match[]", '{zone="z1"}')], method="POST")
+    assert status == 200
+    assert body["data"] == [
+        {"__name__": "other", "job": "api", "zone": "z1"},
+        {"__name__": "up", "instance": "a", "job": "api"},
+        {"__name__": "up", "instance": "b", "job": "db"},
+    ]
+    status, body = call(api, "/api/v1/series", [])
+    assert status == 400 and body["error"] == "no match[] parameter provided"
+    status, body = call(api, "/api/v1/series", [("match[]", "up{")])
+    assert status == 400 and body["error"].startswith('invalid parameter "match[]": parse error')
+
+
+def test_labels_and_values(api):
+    assert call(api, "/api/v1/labels")[1]["data"] == ["__name__", "instance", "job", "zone"]
+    assert call(api, "/api/v1/labels", [("match[]", "other")])[1]["data"] == ["__name__", "job", "zone"]
+    assert call(api, "/api/v1/label/job/values")[1]["data"] == ["api", "db"]
+    assert call(api, "/api/v1/label/job/values", [("match[]", "other")])[1]["data"] == ["api"]
+    assert call(api, "/api/v1/label/__name__/values")[1]["data"] == ["other", "up"]
+    assert call(api, "/api/v1/label/nothing/values")[1]["data"] == []
+    status, body = call(api, "/api/v1/label/job/values", [("limit", "1")])
+    assert body["data"] == ["api"] and body["warnings"] == ["results truncated due to limit"]
+    status, body = call(api, "/api/v1/label/1bad/values")
+    assert status == 400 and body["error"] == 'invalid label name: "1bad"'
+    assert call(api, "/api/v1/label/job/other")[0] == 404
+
+
+def test_buildinfo(api):
+    status, body = call(api, "/api/v1/status/buildinfo")
+    assert status == 200
+    assert set(body["data"]) == {"version", "revision", "branch", "buildUser", "buildDate", "goVersion"}
+
+
+@pytest.mark.parametrize("v,want", [
+    (1.0, "1"), (0.5, "0.5"), (1e21, "1000000000000000000000"), (1e-7, "0.0000001"), (-2.5e-5, "-0.000025"),
+    (float("nan"), "NaN"), (float("inf"), "+Inf"), (float("-inf"), "-Inf"), (-0.0, "-0"),
+    (123456789.125, "123456789.125"), (0.1 + 0.2, "0.30000000000000004"),
+], ids=lambda x: str(x))
+def test_format_value(v, want):
+    assert format_value(v) == want
+
+
+def test_timestamps_and_durations():
+    assert format_timestamp(1435781451781) == "1435781451.781"
+    assert format_timestamp(1435781451000) == "1435781451"
+    assert format_timestamp(1435781451010) == "1435781451.010"
+    assert format_timestamp(-1500) == "-1.500"
+    assert parse_time("1435781451.781") == 1435781451781
+    assert parse_time("2015-07-01T20:10:51.781Z") == 1435781451781
+    assert parse_time("2015-07-01T22:10:51.781+02:00") == 1435781451781
+    assert parse_duration("15s") == 15_000 and parse_duration("1m30s") == 90_000 and parse_duration("0.5") == 500
+    with pytest.raises(ValueError):
+        parse_time("yesterday")
