@@ -50,6 +50,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_promqltest(args: argparse.Namespace) -> int:
+    from querier.engine import Engine
+    from querier.promqltest import engine_evaluator, main as run
+
+    # The upstream runner's settings: lookback 5m, subqueries without a step use 1m.
+    engine = Engine(lookback_delta_ms=300_000, subquery_step_ms=60_000, timeout_s=args.timeout)
+    failed = run(args.files, engine_evaluator(engine), verbose=args.verbose)
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="flashback", description="Prometheus-compatible remote storage.")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -59,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--data-dir", help="data directory (default ./data)")
     up.add_argument("--listen", help="HOST:PORT to serve on (default 127.0.0.1:9201)")
     up.set_defaults(func=cmd_up)
+    pt = sub.add_parser("promqltest", help="run Prometheus PromQL test scripts (promqltest format)")
+    pt.add_argument("files", nargs="+", metavar="FILE")
+    pt.add_argument("-v", "--verbose", action="store_true", help="also list passed evals")
+    pt.add_argument("--timeout", type=float, default=60.0, help="per-eval timeout in seconds")
+    pt.set_defaults(func=cmd_promqltest)
     args = p.parse_args(argv)
     _setup_logging(args.log_level)
     return args.func(args)
