@@ -78,6 +78,17 @@ class EvalContext:
     subquery_step: int
     samples: int = 0
     warnings: list[str] = field(default_factory=list)
+    infos: list[str] = field(default_factory=list)
+
+    def warn(self, msg: str) -> None:
+        """Adds a warning annotation (``warnings`` in the API response), once."""
+        if msg not in self.warnings:
+            self.warnings.append(msg)
+
+    def info(self, msg: str) -> None:
+        """Adds an info annotation (``infos`` in the API response), once."""
+        if msg not in self.infos:
+            self.infos.append(msg)
 
     def check(self) -> None:
         if time.monotonic() > self.deadline:
@@ -91,7 +102,8 @@ class EvalContext:
 
     def on_grid(self, steps: np.ndarray, interval: int) -> "EvalContext":
         sub = EvalContext(self.querier, steps, self.query_start, self.query_end, interval, self.lookback,
-                          self.deadline, self.max_samples, self.subquery_step, self.samples, self.warnings)
+                          self.deadline, self.max_samples, self.subquery_step, self.samples, self.warnings,
+                          self.infos)
         return sub
 
 
@@ -122,9 +134,9 @@ class Engine:
         ctx = self._context(querier, np.array([t_ms], dtype=np.int64), t_ms, t_ms, 0, timeout_s, lookback_delta_ms)
         val = evaluate(ast, ctx)
         if isinstance(val, Scalar):
-            return Result("scalar", (t_ms, float(val.values[0])), ctx.warnings)
+            return Result("scalar", (t_ms, float(val.values[0])), ctx.warnings, ctx.infos)
         if isinstance(val, String):
-            return Result("string", (t_ms, val.value), ctx.warnings)
+            return Result("string", (t_ms, val.value), ctx.warnings, ctx.infos)
         if isinstance(val, RangeVector):
             lo, hi = val.windows()
             out = []
@@ -133,7 +145,7 @@ class Engine:
                 if b > a:
                     out.append(RangeSeries(lbls, val.ts[a:b].copy(), val.values[a:b].copy()))
             out.sort(key=lambda s: s.labels)
-            return Result("matrix", out, ctx.warnings)
+            return Result("matrix", out, ctx.warnings, ctx.infos)
         rows = [i for i in range(len(val.labels)) if val.present[i, 0]]
         order = _instant_order(ast)
         if order is None:
@@ -143,7 +155,7 @@ class Engine:
             desc = order == "desc"
             # NaN sorts last either way, as Prometheus' sort functions do.
             rows.sort(key=lambda i: (np.isnan(vals[i]), -vals[i] if desc else vals[i]))
-        return Result("vector", [Sample(val.labels[i], t_ms, float(val.values[i, 0])) for i in rows], ctx.warnings)
+        return Result("vector", [Sample(val.labels[i], t_ms, float(val.values[i, 0])) for i in rows], ctx.warnings, ctx.infos)
 
     def range(self, querier: Querier, expr: str, start_ms: int, end_ms: int, step_ms: int, *,
               timeout_s: float | None = None, lookback_delta_ms: int | None = None) -> Result:
@@ -161,7 +173,7 @@ class Engine:
         if isinstance(val, String):
             raise ExecutionError('invalid expression type "string" for range query, must be Scalar or instant Vector')
         if isinstance(val, Scalar):
-            return Result("matrix", [RangeSeries(Labels(), steps.copy(), val.values.copy())], ctx.warnings)
+            return Result("matrix", [RangeSeries(Labels(), steps.copy(), val.values.copy())], ctx.warnings, ctx.infos)
         val = merge_same_labels(val, "vector cannot contain metrics with the same labelset")
         out = []
         for i, lbls in enumerate(val.labels):
@@ -169,7 +181,7 @@ class Engine:
             if p.any():
                 out.append(RangeSeries(lbls, steps[p], val.values[i][p]))
         out.sort(key=lambda s: s.labels)
-        return Result("matrix", out, ctx.warnings)
+        return Result("matrix", out, ctx.warnings, ctx.infos)
 
     def _context(self, querier: Querier, steps: np.ndarray, start: int, end: int, interval: int,
                  timeout_s: float | None, lookback_delta_ms: int | None) -> EvalContext:

@@ -246,11 +246,12 @@ class Runner:
             if not ln:
                 i += 1
                 continue
+            word = ln.split()[0]
             body_end = i + 1
-            while body_end < len(lines) and lines[body_end]:
+            # ``clear`` is a line of its own; the next command may follow without a blank line.
+            while word != "clear" and body_end < len(lines) and lines[body_end]:
                 body_end += 1
             body = [(k + 1, lines[k]) for k in range(i + 1, body_end)]
-            word = ln.split()[0]
             try:
                 if word == "clear":
                     head, hist_series = _new_head(), []
