@@ -33,7 +33,9 @@ class App:
         RemoteWriteHandler(self.db.append, max_body_bytes=options.max_body_bytes).route(router)
         RemoteReadHandler(lambda: self.db.head, registry=self.registry).route(router)
         engine = Engine(lookback_delta_ms=options.query.lookback_delta_ms, max_samples=options.query.max_samples,
-                        timeout_s=options.query.timeout_s)
+                        timeout_s=options.query.timeout_s,
+                        # Prometheus 3's server default (the promql-delayed-name-removal flag off).
+                        delayed_name_removal=False)
         router.include(QueryAPI(lambda: self.db.head, engine, time.time).router())
         router.route("/metrics", self._metrics, name="metrics")
         router.route("/-/healthy", lambda _: Response(200, b"Flashback is Healthy.\n"), ("GET", "HEAD"),

@@ -54,8 +54,10 @@ def cmd_promqltest(args: argparse.Namespace) -> int:
     from querier.engine import Engine
     from querier.promqltest import engine_evaluator, main as run
 
-    # The upstream runner's settings: lookback 5m, subqueries without a step use 1m.
-    engine = Engine(lookback_delta_ms=300_000, subquery_step_ms=60_000, timeout_s=args.timeout)
+    # The upstream runner's settings: lookback 5m, subqueries without a step use 1m, delayed
+    # __name__ removal on.
+    engine = Engine(lookback_delta_ms=300_000, subquery_step_ms=60_000, timeout_s=args.timeout,
+                    delayed_name_removal=True)
     failed = run(args.files, engine_evaluator(engine), verbose=args.verbose)
     return 1 if failed else 0
 

@@ -4,8 +4,11 @@ Each input row is assigned a group; a group's value at a step folds the
 rows present at that step (``ufunc.reduceat`` over rows sorted by group).
 Semantics as Prometheus' ``promql/engine.go`` aggregation(): NaN is the
 result of ``min``/``max`` only when every input is NaN, ``topk`` ranks NaN
-below every number, output labels are the grouping labels (the input
-labels for ``topk``/``bottomk``).
+below every number, ``stddev``/``stdvar`` use Welford's online update in
+input order, output labels are the grouping labels (the input labels for
+``topk``/``bottomk``/``limitk``/``limit_ratio``). A group's output is marked
+for metric-name removal if an input marked so was aggregated at the group's
+last step (Prometheus' ``DropName`` of the output series).
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ import math
 import numpy as np
 import promql_parser as pp
 
+from querier import annotations
 from querier import engine as _engine
 from querier.errors import ExecutionError, Unsupported
 from querier.functions import _quantiles
-from querier.values import Scalar, String, Vector
+from querier.values import DropNameLabels, Scalar, String, Vector, mark_drop_name
 from store.labels import METRIC_NAME, Labels
 
 _LABEL_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
@@ -55,12 +59,24 @@ def evaluate_aggregate(node: pp.AggregateExpr, ctx: "_engine.EvalContext") -> Ve
     for i, lb in enumerate(vec.labels):
         gid[i] = keys.setdefault(group_labels(lb, without, names), len(keys))
     labels = list(keys)
-    if op in ("topk", "bottomk"):
+    if op in ("topk", "bottomk", "limitk"):
         if not isinstance(param, Scalar):
             raise ExecutionError(f"{op} needs a scalar parameter")
-        return _topk(vec, gid, len(labels), param.values, op == "topk")
-    if op in ("limitk", "limit_ratio"):
-        raise Unsupported(f"aggregation {op} is not supported")
+        k = _k_param(param.values)
+        if k is None or len(vec) == 0:
+            return Vector.empty(steps)
+        if op == "limitk":
+            return _limitk(vec, gid, len(labels), k)
+        return _topk(vec, gid, len(labels), k, op == "topk")
+    if op == "limit_ratio":
+        if not isinstance(param, Scalar):
+            raise ExecutionError(f"{op} needs a scalar parameter")
+        r = _ratio_param(param.values, ctx)
+        if r is None or len(vec) == 0:
+            return Vector.empty(steps)
+        return _limit_ratio(vec, r)
+    if op == "quantile" and isinstance(param, Scalar):
+        _check_quantile(param.values, ctx)
     if len(vec) == 0:
         return Vector.empty(steps)
     G = len(labels)
@@ -73,7 +89,7 @@ def evaluate_aggregate(node: pp.AggregateExpr, ctx: "_engine.EvalContext") -> Ve
     n = np.add.reduceat(pres.astype(np.float64), starts, axis=0)
     present = n > 0
     with np.errstate(all="ignore"):
-        if op in ("sum", "avg", "stddev", "stdvar"):
+        if op in ("sum", "avg"):
             total = kahan_group_sum(np.where(pres, vals, 0.0), starts, counts)
             if op == "sum":
                 out = total
@@ -84,13 +100,11 @@ def evaluate_aggregate(node: pp.AggregateExpr, ctx: "_engine.EvalContext") -> Ve
                     # The sum left the float range although no input is infinite: average x/n instead.
                     scaled = np.where(pres, vals / np.repeat(np.maximum(n, 1), counts, axis=0), 0.0)
                     mean = np.where(overflow, kahan_group_sum(scaled, starts, counts), mean)
-                if op == "avg":
-                    out = mean
-                else:
-                    dev = np.where(pres, vals - np.repeat(mean, counts, axis=0), 0.0)
-                    out = np.add.reduceat(dev * dev, starts, axis=0) / np.maximum(n, 1)
-                    if op == "stddev":
-                        out = np.sqrt(out)
+                out = mean
+        elif op in ("stddev", "stdvar"):
+            out = welford_group_variance(vals, pres, starts, counts)
+            if op == "stddev":
+                out = np.sqrt(out)
         elif op == "count":
             out = n
         elif op == "group":
@@ -105,7 +119,134 @@ def evaluate_aggregate(node: pp.AggregateExpr, ctx: "_engine.EvalContext") -> Ve
             out = _group_quantile(vals, pres, order, gid, G, param.values)
         else:
             raise Unsupported(f"aggregation {op} is not supported")
+    marked = np.array([isinstance(lb, DropNameLabels) for lb in vec.labels])
+    if marked.any():
+        labels = _mark_groups(labels, marked[order], pres, starts, present)
     return Vector(labels, out, present)
+
+
+def _mark_groups(labels: list[Labels], marked: np.ndarray, pres: np.ndarray, starts: np.ndarray,
+                 present: np.ndarray) -> list[Labels]:
+    """Marks the groups that aggregated a marked input at their last present step (rows sorted by group)."""
+    any_marked = np.add.reduceat((pres & marked[:, None]).astype(np.int64), starts, axis=0) > 0
+    T = present.shape[1]
+    last = T - 1 - np.argmax(present[:, ::-1], axis=1)
+    drop = any_marked[np.arange(len(labels)), last] & present.any(axis=1)
+    return [mark_drop_name(lb) if d else lb for lb, d in zip(labels, drop.tolist())]
+
+
+def welford_group_variance(vals: np.ndarray, pres: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Per group (consecutive rows from ``starts``), the population variance of the present rows.
+
+    Welford's online update in row order, as Prometheus' stdvar: the first
+    value sets the mean (and makes the result NaN if it is NaN or infinite),
+    each further one moves the mean by ``delta / n`` and adds
+    ``delta * (x - new mean)``. Identical inputs give exactly 0.
+    """
+    G, T = len(starts), vals.shape[1]
+    n = np.zeros((G, T))
+    mean = np.zeros((G, T))
+    m2 = np.zeros((G, T))
+    with np.errstate(all="ignore"):
+        for r in range(int(counts.max()) if G else 0):
+            groups = np.flatnonzero(counts > r)
+            x = vals[starts[groups] + r]
+            p = pres[starts[groups] + r]
+            cnt = n[groups] + p
+            first = p & (cnt == 1)
+            later = p & (cnt > 1)
+            mu, acc = mean[groups], m2[groups]
+            delta = x - mu
+            new_mu = mu + delta / np.maximum(cnt, 1)
+            acc = np.where(later, acc + delta * (x - new_mu), acc)
+            acc = np.where(first, np.where(np.isfinite(x), 0.0, np.nan), acc)
+            mean[groups] = np.where(first, x, np.where(later, new_mu, mu))
+            m2[groups] = acc
+            n[groups] = cnt
+        return m2 / np.maximum(n, 1)
+
+
+def _check_quantile(q: np.ndarray, ctx: "_engine.EvalContext") -> None:
+    """Prometheus' warnings for a quantile parameter outside [0, 1] at any step (NaN included)."""
+    if np.isnan(q).any():
+        ctx.warn(annotations.invalid_quantile(math.nan))
+        return  # a NaN makes Go's running min and max NaN, so no other warning follows
+    if q.max() > 1:
+        ctx.warn(annotations.invalid_quantile(float(q.max())))
+    if q.min() < 0:
+        ctx.warn(annotations.invalid_quantile(float(q.min())))
+
+
+_MIN_INT64 = -9223372036854775808.0
+_MAX_INT64 = 9223372036854774784.0  # the largest float64 below 2**63
+
+
+def _k_param(k: np.ndarray) -> np.ndarray | None:
+    """The per-step ``k`` of topk/bottomk/limitk, truncated toward zero; None if every k is below 1.
+
+    Checked over all steps at once, in Prometheus' order: all below one gives
+    an empty result, then NaN and int64 overflow are errors.
+    """
+    if len(k) == 0 or k.max() < 1:  # a NaN makes max() NaN, so it reaches the NaN check
+        return None
+    if np.isnan(k).any():
+        raise ExecutionError("Parameter value is NaN")
+    if k.min() <= _MIN_INT64:
+        raise ExecutionError(f"Scalar value {annotations.go_float(float(k.min()))} underflows int64")
+    if k.max() >= _MAX_INT64:
+        raise ExecutionError(f"Scalar value {annotations.go_float(float(k.max()))} overflows int64")
+    return np.trunc(k)
+
+
+def _ratio_param(r: np.ndarray, ctx: "_engine.EvalContext") -> np.ndarray | None:
+    """The per-step ratio of limit_ratio capped to [-1, 1]; None if every ratio is 0."""
+    if len(r) == 0 or (r.max() == 0 and r.min() == 0):
+        return None
+    if np.isnan(r).any():
+        raise ExecutionError("Ratio value is NaN")
+    if r.max() > 1:
+        ctx.warn(_invalid_ratio(float(r.max()), 1.0))
+    if r.min() < -1:
+        ctx.warn(_invalid_ratio(float(r.min()), -1.0))
+    return np.clip(r, -1.0, 1.0)
+
+
+def _invalid_ratio(r: float, to: float) -> str:
+    """Prometheus' NewInvalidRatioWarning text."""
+    return (f"PromQL warning: ratio value should be between -1 and 1, got {annotations.go_float(r)}, "
+            f"capping to {annotations.go_float(to)}")
+
+
+def _limitk(vec: Vector, gid: np.ndarray, G: int, k: np.ndarray) -> Vector:
+    """The first ``k`` series present at each step in every group, in input order, unchanged."""
+    order = np.argsort(gid, kind="stable")
+    pres = vec.present[order]
+    seen = np.cumsum(pres, axis=0)  # present rows up to and including this one, counted over all groups
+    counts = np.bincount(gid, minlength=G)
+    starts = np.zeros(G, dtype=np.int64)
+    np.cumsum(counts[:-1], out=starts[1:])
+    before = np.where(starts[:, None] > 0, seen[np.maximum(starts - 1, 0)], 0)  # present rows of earlier groups
+    rank = seen - np.repeat(before, counts, axis=0)  # 1-based rank within the group where present
+    selected = np.zeros_like(vec.present)
+    selected[order] = pres & (rank <= k[None, :])
+    return Vector(list(vec.labels), vec.values, selected).compact()
+
+
+def ratio_offset(lbls: Labels) -> float:
+    """Where a series falls in [0, 1] for limit_ratio: its label hash over the largest uint64, as Prometheus."""
+    return float(lbls.hash()) / float(2**64 - 1)
+
+
+def _limit_ratio(vec: Vector, r: np.ndarray) -> Vector:
+    """The series whose ratio offset is below ``r`` (``r >= 0``) or at least ``1 + r`` (``r < 0``), per step.
+
+    The choice depends on the labels only, so ``limit_ratio(r, x)`` and
+    ``limit_ratio(r - 1, x)`` are complements (``r`` in (0, 1)).
+    """
+    off = np.array([ratio_offset(lb) for lb in vec.labels])[:, None]
+    rr = r[None, :]
+    keep = ((rr >= 0) & (off < rr)) | ((rr < 0) & (off >= 1.0 + rr))  # r == 0 keeps nothing
+    return Vector(list(vec.labels), vec.values, vec.present & keep).compact()
 
 
 def kahan_group_sum(vals: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -144,11 +285,7 @@ def _group_quantile(vals, pres, order, gid, G, q) -> np.ndarray:
 
 
 def _topk(vec: Vector, gid: np.ndarray, G: int, k: np.ndarray, top: bool) -> Vector:
-    if np.isnan(k).any():
-        raise ExecutionError("Parameter value is NaN")
-    if len(vec) == 0:
-        return vec
-    kk = np.where(k >= 1, np.floor(np.minimum(k, 2**31)), 0)
+    kk = np.where(k >= 1, np.minimum(k, len(vec)), 0)
     selected = np.zeros_like(vec.present)
     for g in range(G):
         rows = np.flatnonzero(gid == g)

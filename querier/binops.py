@@ -15,7 +15,7 @@ import promql_parser as pp
 
 from querier import engine as _engine
 from querier.errors import ExecutionError, Unsupported
-from querier.values import Scalar, Vector
+from querier.values import Scalar, Vector, strip_name
 from store.labels import METRIC_NAME, Labels
 
 ARITHMETIC = {"+", "-", "*", "/", "%", "^", "atan2"}
@@ -185,9 +185,10 @@ def _vector_vector(op: str, lhs: Vector, rhs: Vector, mod, return_bool: bool) ->
             raise ExecutionError("multiple matches for labels: many-to-one matching must be explicit (group_left/group_right)")
     lv, rv = (one.values[J], many.values[I]) if one_to_many else (many.values[I], one.values[J])
     res = apply(op, lv, rv)
-    drop = return_bool or op in ARITHMETIC
-    labels = [_result_labels(many.labels[i], one.labels[j], drop, one_to_one, on, names, include)
+    labels = [_result_labels(many.labels[i], one.labels[j], op in ARITHMETIC, one_to_one, on, names, include)
               for i, j in zip(pi, pj)]
+    if return_bool:
+        labels = [_engine.drop_name(lb) for lb in labels]
     if not one_to_one:
         seen: dict[tuple[int, Labels], int] = {}
         for p, lb in enumerate(labels):
@@ -210,11 +211,15 @@ def _match_str(sig: Labels, on: bool, names: list[str]) -> str:
     return str(sig)
 
 
-def _result_labels(many: Labels, one: Labels, drop_name: bool, one_to_one: bool, on: bool,
+def _result_labels(many: Labels, one: Labels, arithmetic: bool, one_to_one: bool, on: bool,
                    names: list[str], include: list[str]) -> Labels:
-    lb = many
-    if drop_name:
-        lb = lb.without((METRIC_NAME,))
+    """Prometheus' resultMetric: the "many" side's labels, reduced by the matching and ``group_x`` modifiers.
+
+    Arithmetic removes the metric name (and ``__type__``/``__unit__``) at once,
+    even with delayed name removal; the result carries no removal mark, like
+    every vector/vector result except ``bool`` comparisons.
+    """
+    lb = strip_name(many) if arithmetic else Labels.sorted_unchecked(many)
     if one_to_one:
         lb = lb.keep(names) if on else lb.without(names)
     if include:

@@ -8,10 +8,18 @@ aggregations and binary operators are array operations over
 (``promql/engine.go``): lookback delta with a left-open window, stale markers,
 ``offset`` and ``@`` (including ``start()``/``end()``), subqueries aligned to
 their step, the metric name dropped by functions and arithmetic.
+
+The metric name is dropped the way Prometheus 3 does with delayed name
+removal: an operation that drops it only marks the series (``drop_name``
+returns ``DropNameLabels``), so ``label_replace`` can still read or keep it
+and ``sum by (__name__)`` still groups by it; the marked names are removed
+when the query finishes (``finish_names``). With ``delayed_name_removal``
+off, marked names are removed right after every node instead.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import time
 from dataclasses import dataclass, field
@@ -21,8 +29,8 @@ import promql_parser as pp
 
 from querier import aggregations, binops, functions
 from querier.errors import ExecutionError, ParseError, QueryTimeout, TooManySamples, Unsupported
-from querier.values import (RangeSeries, RangeVector, Result, Sample, Scalar, String, Value, Vector,
-                            is_stale, window_indices)
+from querier.values import (DropNameLabels, RangeSeries, RangeVector, Result, Sample, Scalar, String, Value,
+                            Vector, finish_name, is_stale, mark_drop_name, window_indices)
 from store.labels import METRIC_NAME, Labels
 from store.matchers import Matcher, MatchType
 from store.storage import Querier, SelectHints
@@ -30,6 +38,9 @@ from store.storage import Querier, SelectHints
 _MATCH_OPS = {"MatchOp.Equal": MatchType.EQ, "MatchOp.NotEqual": MatchType.NEQ,
               "MatchOp.Re": MatchType.RE, "MatchOp.NotRe": MatchType.NRE}
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+_DUP = "vector cannot contain metrics with the same labelset"
+_SORT_FUNCTIONS = ("sort", "sort_desc", "sort_by_label", "sort_by_label_desc")
+_SORT_IN_RANGE = "PromQL warning: sort is ineffective for range queries since results are always ordered by labels"
 
 
 def duration_ms(d: datetime.timedelta | None) -> int:
@@ -76,6 +87,7 @@ class EvalContext:
     deadline: float
     max_samples: int
     subquery_step: int
+    delayed_name_removal: bool = True
     samples: int = 0
     warnings: list[str] = field(default_factory=list)
     infos: list[str] = field(default_factory=list)
@@ -101,10 +113,8 @@ class EvalContext:
             raise TooManySamples("query processing would load too many samples into memory in query execution")
 
     def on_grid(self, steps: np.ndarray, interval: int) -> "EvalContext":
-        sub = EvalContext(self.querier, steps, self.query_start, self.query_end, interval, self.lookback,
-                          self.deadline, self.max_samples, self.subquery_step, self.samples, self.warnings,
-                          self.infos)
-        return sub
+        # The annotation lists are shared with the outer context on purpose.
+        return dataclasses.replace(self, steps=steps, interval=interval)
 
 
 class Engine:
@@ -118,21 +128,26 @@ class Engine:
         max_samples: most samples a query may hold at once (``TooManySamples``).
         timeout_s: default deadline of a query.
         subquery_step_ms: step of subqueries written without one (``x[5m:]``).
+        delayed_name_removal: remove the metric name dropped by functions and
+            operators only when the query finishes (Prometheus' feature flag
+            ``promql-delayed-name-removal``, on in its PromQL test suite).
     """
 
     def __init__(self, lookback_delta_ms: int = 300_000, max_samples: int = 50_000_000,
-                 timeout_s: float = 120, subquery_step_ms: int = 60_000) -> None:
+                 timeout_s: float = 120, subquery_step_ms: int = 60_000,
+                 delayed_name_removal: bool = True) -> None:
         self.lookback_delta_ms = lookback_delta_ms
         self.max_samples = max_samples
         self.timeout_s = timeout_s
         self.subquery_step_ms = subquery_step_ms
+        self.delayed_name_removal = delayed_name_removal
 
     def instant(self, querier: Querier, expr: str, t_ms: int, *, timeout_s: float | None = None,
                 lookback_delta_ms: int | None = None) -> Result:
         """Evaluates ``expr`` at ``t_ms``: a vector, scalar, string or (for a range selector) matrix."""
         ast = parse(expr)
         ctx = self._context(querier, np.array([t_ms], dtype=np.int64), t_ms, t_ms, 0, timeout_s, lookback_delta_ms)
-        val = evaluate(ast, ctx)
+        val = finish_names(evaluate(ast, ctx))
         if isinstance(val, Scalar):
             return Result("scalar", (t_ms, float(val.values[0])), ctx.warnings, ctx.infos)
         if isinstance(val, String):
@@ -167,14 +182,14 @@ class Engine:
         ast = parse(expr)
         steps = np.arange(start_ms, end_ms + 1, step_ms, dtype=np.int64)
         ctx = self._context(querier, steps, start_ms, end_ms, step_ms, timeout_s, lookback_delta_ms)
-        val = evaluate(ast, ctx)
+        val = finish_names(evaluate(ast, ctx))
         if isinstance(val, RangeVector):
             raise ExecutionError('invalid expression type "range vector" for range query, must be Scalar or instant Vector')
         if isinstance(val, String):
             raise ExecutionError('invalid expression type "string" for range query, must be Scalar or instant Vector')
         if isinstance(val, Scalar):
             return Result("matrix", [RangeSeries(Labels(), steps.copy(), val.values.copy())], ctx.warnings, ctx.infos)
-        val = merge_same_labels(val, "vector cannot contain metrics with the same labelset")
+        val = merge_same_labels(val, _DUP)
         out = []
         for i, lbls in enumerate(val.labels):
             p = val.present[i]
@@ -188,7 +203,7 @@ class Engine:
         timeout = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
         return EvalContext(querier, steps, start, end, interval,
                            lookback_delta_ms or self.lookback_delta_ms, time.monotonic() + timeout,
-                           self.max_samples, self.subquery_step_ms)
+                           self.max_samples, self.subquery_step_ms, self.delayed_name_removal)
 
 
 def _instant_order(ast: pp.Expr) -> str | None:
@@ -214,6 +229,13 @@ def _instant_order(ast: pp.Expr) -> str | None:
 
 def evaluate(node: pp.Expr, ctx: EvalContext) -> Value:
     """Evaluates one AST node over ``ctx.steps``."""
+    val = _evaluate(node, ctx)
+    if not ctx.delayed_name_removal:
+        val = finish_names(val)
+    return val
+
+
+def _evaluate(node: pp.Expr, ctx: EvalContext) -> Value:
     ctx.check()
     if isinstance(node, pp.NumberLiteral):
         return Scalar(np.full(len(ctx.steps), float(node.val)))
@@ -232,14 +254,15 @@ def evaluate(node: pp.Expr, ctx: EvalContext) -> Value:
         if isinstance(val, Scalar):
             return Scalar(-val.values)
         if isinstance(val, Vector):
-            return merge_same_labels(Vector([drop_name(lb) for lb in val.labels], -val.values, val.present),
-                                     "vector cannot contain metrics with the same labelset")
+            return merge_same_labels(Vector([drop_name(lb) for lb in val.labels], -val.values, val.present), _DUP)
         raise ExecutionError("unary minus needs a scalar or an instant vector")
     if isinstance(node, pp.BinaryExpr):
         return binops.evaluate_binary(node, ctx)
     if isinstance(node, pp.AggregateExpr):
         return aggregations.evaluate_aggregate(node, ctx)
     if isinstance(node, pp.Call):
+        if node.func.name in _SORT_FUNCTIONS and len(ctx.steps) > 1:
+            ctx.warn(_SORT_IN_RANGE)
         return functions.evaluate_call(node, ctx)
     raise Unsupported(f"unsupported expression type {type(node).__name__}")
 
@@ -363,10 +386,51 @@ def eval_subquery(sq: pp.SubqueryExpr, ctx: EvalContext) -> RangeVector:
 
 
 def drop_name(lbls: Labels) -> Labels:
-    """Labels without ``__name__`` (and the ``__type__``/``__unit__`` metadata labels)."""
-    if any(n.startswith("__") for n, _ in lbls):
-        return Labels.sorted_unchecked(p for p in lbls if p[0] not in (METRIC_NAME, "__type__", "__unit__"))
-    return lbls
+    """Drops the metric name (and ``__type__``/``__unit__``) of a function's or operator's result.
+
+    The labels are only marked (``DropNameLabels``); ``finish_names`` removes
+    the name when the query finishes, or right after the node when delayed
+    name removal is off.
+    """
+    return mark_drop_name(lbls)
+
+
+def finish_names(val: Value) -> Value:
+    """Removes the marked metric names (Prometheus' cleanupMetricLabels).
+
+    Series that become equal are merged; for an instant vector two of them
+    present at one step are an error, as in Prometheus.
+    """
+    if isinstance(val, Vector):
+        if not any(isinstance(lb, DropNameLabels) for lb in val.labels):
+            return val
+        return merge_same_labels(Vector([finish_name(lb) for lb in val.labels], val.values, val.present), _DUP)
+    if isinstance(val, RangeVector):
+        if not any(isinstance(lb, DropNameLabels) for lb in val.labels):
+            return val
+        return _merge_range_series(val, [finish_name(lb) for lb in val.labels])
+    return val
+
+
+def _merge_range_series(rv: RangeVector, labels: list[Labels]) -> RangeVector:
+    """``rv`` relabelled; series with equal labels get their samples merged in time order."""
+    groups: dict[Labels, list[int]] = {}
+    for i, lb in enumerate(labels):
+        groups.setdefault(lb, []).append(i)
+    if len(groups) == len(labels):
+        return dataclasses.replace(rv, labels=labels, _windows=None)
+    ts_parts, val_parts, out_labels = [], [], []
+    for lb, rows in groups.items():
+        t = np.concatenate([rv.ts[rv.offsets[i]:rv.offsets[i + 1]] for i in rows])
+        v = np.concatenate([rv.values[rv.offsets[i]:rv.offsets[i + 1]] for i in rows])
+        order = np.argsort(t, kind="stable")
+        ts_parts.append(t[order])
+        val_parts.append(v[order])
+        out_labels.append(lb)
+    offsets = np.zeros(len(out_labels) + 1, dtype=np.int64)
+    np.cumsum([len(t) for t in ts_parts], out=offsets[1:])
+    return RangeVector(out_labels, np.concatenate(ts_parts), np.concatenate(val_parts), offsets,
+                       rv.left, rv.right, rv.range_ms)
 
 
 def merge_same_labels(vec: Vector, message: str) -> Vector:

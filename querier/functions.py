@@ -3,13 +3,17 @@
 Range functions (``rate``, ``*_over_time``, ...) receive a ``RangeVector``
 and its ``[lo, hi)`` window indices per (series, step) and fold the flat
 sample arrays with ``ufunc.reduceat`` or gather single samples (first,
-last); instant functions map arrays element-wise. The semantics (counter
-resets, extrapolation, NaN handling) are those of Prometheus'
-``promql/functions.go``.
+last). Folds Prometheus defines sample by sample (Kahan sums, running means,
+smoothing) walk all windows at once, one sample position per step
+(``_Scan``), or, for a few long windows, one window at a time. Instant
+functions map arrays element-wise; classic histograms are in
+``histograms.py``. The semantics (counter resets, extrapolation, NaN
+handling) and annotations are those of Prometheus' ``promql/functions.go``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -17,6 +21,7 @@ import numpy as np
 import promql_parser as pp
 import re2
 
+from querier import annotations, histograms
 from querier import engine as _engine
 from querier.errors import ExecutionError, Unsupported
 from querier.values import RangeVector, Scalar, String, Vector, window_reduce
@@ -38,6 +43,8 @@ def evaluate_call(node: pp.Call, ctx: "_engine.EvalContext"):
             raise ExecutionError(f"expected a range vector argument in call to function {name!r}")
         others = [v for v in vals if v is not rv]
         values, present = _RANGE[name](rv, others, ctx)
+        if name in ("rate", "increase"):
+            _check_counter_names(rv, present, ctx)
         keep_name = name in ("last_over_time", "first_over_time")
         labels = rv.labels if keep_name else [_engine.drop_name(lb) for lb in rv.labels]
         vec = Vector(labels, values, present)
@@ -50,6 +57,17 @@ def evaluate_call(node: pp.Call, ctx: "_engine.EvalContext"):
     if name in _INSTANT:
         return _INSTANT[name](vals, ctx)
     raise Unsupported(f"function {name!r} is not supported")
+
+
+def _check_counter_names(rv: RangeVector, present: np.ndarray, ctx) -> None:
+    """Prometheus' info for ``rate``/``increase`` of a named series whose name does not read as a counter's."""
+    for i in np.flatnonzero(present.any(axis=1)):
+        metric = rv.labels[i].get(METRIC_NAME)
+        if metric and not metric.endswith(_COUNTER_SUFFIXES):
+            ctx.info(annotations.possible_non_counter(metric))
+
+
+_COUNTER_SUFFIXES = ("_total", "_sum", "_count", "_bucket")
 
 
 def _vector_arg(v, name: str) -> Vector:
@@ -146,10 +164,198 @@ def _fold(ufunc: np.ufunc):
     return fn
 
 
+class _Scan:
+    """Visits the samples of every window in time order, all windows at once.
+
+    For the folds Prometheus defines sample by sample (Kahan sums, running
+    means, smoothing). Windows are ordered longest first, so the windows that
+    still have a ``j``-th sample are a prefix of that order; state arrays are
+    kept in it (``arg`` puts per-step arguments there, ``result`` puts a state
+    array back in ``(series, steps)`` shape). Iterating yields ``(j, m, idx)``:
+    the first ``m`` windows have a ``j``-th sample, at flat indices ``idx``.
+    ``subset`` restricts the scan to some windows (flat indices into the
+    ``(series, steps)`` grid); ``result`` then fills the others with NaN.
+    """
+
+    def __init__(self, rv: RangeVector, subset: np.ndarray | None = None) -> None:
+        lo, hi = rv.windows()
+        self.shape = lo.shape
+        count = (hi - lo).ravel()
+        lo = lo.ravel()
+        self.windows = np.arange(len(count)) if subset is None else subset
+        order = np.argsort(-count[self.windows], kind="stable")
+        self.windows = self.windows[order]
+        self.count = count[self.windows]
+        self.lo = lo[self.windows]
+        self.size = len(self.windows)
+
+    @property
+    def deep(self) -> bool:
+        """Few long windows: a Python step per window is cheaper than one per sample position."""
+        return self.size > 0 and int(self.count[0]) > 2 * self.size
+
+    def slices(self):
+        """``(w, lo, hi)`` of every window in scan order, for folds done one window at a time."""
+        for w, (lo, n) in enumerate(zip(self.lo.tolist(), self.count.tolist())):
+            yield w, lo, lo + n
+
+    def __iter__(self):
+        longest = int(self.count[0]) if self.size else 0
+        desc = -self.count
+        for j in range(longest):
+            m = int(np.searchsorted(desc, -j, side="left"))
+            yield j, m, self.lo[:m] + j
+
+    def arg(self, per_step: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(per_step[None, :], self.shape).ravel()[self.windows]
+
+    def result(self, state: np.ndarray) -> np.ndarray:
+        out = np.full(int(np.prod(self.shape)), np.nan)
+        out[self.windows] = state
+        return out.reshape(self.shape)
+
+
+def _kahan_inc(inc: np.ndarray, total: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One step of Prometheus' Kahan-Babuska-Neumaier sum (``kahansum.Inc``): the new sum and compensation."""
+    t = total + inc
+    big = np.abs(total) >= np.abs(inc)
+    c = np.where(np.isinf(t), 0.0, c + np.where(big, (total - t) + inc, (inc - t) + total))
+    return t, c
+
+
+class _KahanSums:
+    """Neumaier-compensated running sums of many windows, updated in place (``kahansum.Inc`` per window).
+
+    The rounding error of every addition is found with Knuth's branch-free
+    TwoSum, which is exactly the error ``kahansum.Inc`` gets from its
+    ``|sum| >= |inc|`` branches as long as the sum stays finite. Prometheus
+    also resets the compensation when the sum overflows; windows whose sum is
+    not finite must be redone with ``_kahan_inc`` (or ignore the compensation).
+    """
+
+    def __init__(self, n: int) -> None:
+        self.sum, self.c = np.zeros(n), np.zeros(n)
+        self._t, self._z = np.empty(n), np.empty(n)
+
+    def add(self, m: int, inc: np.ndarray) -> None:
+        """Adds ``inc`` to the first ``m`` sums; ``inc`` is clobbered."""
+        s, c, t, z = self.sum[:m], self.c[:m], self._t[:m], self._z[:m]
+        np.add(s, inc, out=t)
+        np.subtract(t, s, out=z)
+        np.subtract(inc, z, out=inc)
+        np.subtract(t, z, out=z)
+        np.subtract(s, z, out=z)
+        np.add(z, inc, out=z)
+        c += z
+        s[...] = t
+
+    def value(self, m: int) -> np.ndarray:
+        return self.sum[:m] + self.c[:m]
+
+
+def _kahan_sums(rv: RangeVector, scan: _Scan) -> tuple[np.ndarray, np.ndarray]:
+    """Neumaier sums and compensations of every window of ``scan`` (compensation unusable where not finite)."""
+    if scan.deep:
+        return _kahan_sums_by_window(rv, scan)
+    acc = _KahanSums(scan.size)
+    v = np.empty(scan.size)
+    with np.errstate(all="ignore"):
+        for _, m, idx in scan:
+            acc.add(m, np.take(rv.values, idx, out=v[:m]))
+    return acc.sum, acc.c
+
+
+def _kahan_sums_by_window(rv: RangeVector, scan: _Scan) -> tuple[np.ndarray, np.ndarray]:
+    """``_kahan_sums`` one window at a time (see ``_neumaier``)."""
+    total, c = np.zeros(scan.size), np.zeros(scan.size)
+    for w, lo, hi in scan.slices():
+        total[w], c[w] = _neumaier(rv.values[lo:hi])
+    return total, c
+
+
+def _neumaier(x: np.ndarray) -> tuple[float, float]:
+    """``kahansum.Inc`` folded over ``x`` in a few array operations: the sum and its compensation.
+
+    The running sums are plain left-to-right float sums, which
+    ``np.add.accumulate`` computes in order; the rounding error of every
+    addition then follows element-wise (TwoSum), and the compensation is
+    their left-to-right sum. The compensation is meaningless where the sum is
+    not finite.
+    """
+    with np.errstate(all="ignore"):
+        running = np.add.accumulate(np.concatenate(([0.0], x)))
+        prev, t = running[:-1], running[1:]
+        z = t - prev
+        err = (prev - (t - z)) + (x - z)
+        return float(running[-1]), float(np.add.accumulate(np.concatenate(([0.0], err)))[-1])
+
+
+def _exact_naive_sums(rv: RangeVector, lo: np.ndarray, hi: np.ndarray) -> bool:
+    """True when plain window sums are exact (integers whose magnitudes sum below 2**52), so Kahan is moot."""
+    v = rv.values
+    if len(v) == 0:
+        return True
+    if not np.all(v == np.trunc(v)):
+        return False
+    nonempty = hi > lo
+    with np.errstate(over="ignore"):
+        abs_sums = window_reduce(np.add, np.abs(v), lo, hi)
+    return bool(np.all(abs_sums[nonempty] <= 2.0**52))
+
+
+def _sum_over_time(rv, _args, ctx):
+    lo, hi, _, nonempty, _ = _basics(rv)
+    if _exact_naive_sums(rv, lo, hi):
+        return window_reduce(np.add, rv.values, lo, hi), nonempty
+    scan = _Scan(rv)
+    total, c = _kahan_sums(rv, scan)
+    return scan.result(np.where(np.isfinite(total), total + c, total)), nonempty
+
+
 def _avg_over_time(rv, _args, ctx):
+    """Kahan-summed mean; an incremental mean where the running sum would overflow (as Prometheus)."""
     lo, hi, count, nonempty, _ = _basics(rv)
     with np.errstate(all="ignore"):
-        return window_reduce(np.add, rv.values, lo, hi) / np.maximum(count, 1), nonempty
+        if _exact_naive_sums(rv, lo, hi):
+            return window_reduce(np.add, rv.values, lo, hi) / np.maximum(count, 1), nonempty
+        scan = _Scan(rv)
+        total, c = _kahan_sums(rv, scan)
+        cnt = np.maximum(scan.count, 1)
+        out = scan.result(total / cnt + c / cnt)
+        # A running sum that left the finite range never comes back; redo those windows the long way.
+        redo = scan.windows[~np.isfinite(total)]
+        if len(redo):
+            out.ravel()[redo] = _incremental_mean(rv, _Scan(rv, redo)).ravel()[redo]
+    return out, nonempty
+
+
+def _incremental_mean(rv: RangeVector, scan: _Scan) -> np.ndarray:
+    """Prometheus' avg_over_time sample by sample: a Kahan sum until it overflows, then a running mean."""
+    n = scan.size
+    total, c, mean = np.zeros(n), np.zeros(n), np.zeros(n)
+    incremental = np.zeros(n, dtype=bool)
+    for j, m, idx in scan:
+        v = rv.values[idx]
+        if j == 0:
+            total[:m] = v
+            continue
+        k = float(j + 1)
+        new_total, new_c = _kahan_inc(v, total[:m], c[:m])
+        inc = incremental[:m]
+        stay = ~inc & ~np.isinf(new_total)
+        switch = ~inc & ~stay
+        total[:m] = np.where(stay, new_total, total[:m])
+        c_m = np.where(stay, new_c, c[:m])
+        mean_m = np.where(switch, total[:m] / (k - 1), mean[:m])
+        c_m = np.where(switch, c_m / (k - 1), c_m)
+        inc = inc | switch
+        q = (k - 1) / k
+        upd_mean, upd_c = _kahan_inc(v / k, q * mean_m, q * c_m)
+        mean[:m] = np.where(inc, upd_mean, mean_m)
+        c[:m] = np.where(inc, upd_c, c_m)
+        incremental[:m] = inc
+    cnt = np.maximum(scan.count, 1).astype(np.float64)
+    return scan.result(np.where(incremental, mean + c, total / cnt + c / cnt))
 
 
 def _count_over_time(rv, _args, ctx):
@@ -195,19 +401,68 @@ def _expand(rv: RangeVector):
     return rv.values[idx] if total else np.zeros(0), wid, starts, flat_cnt, nonempty
 
 
+def _welford(rv: RangeVector, scan: _Scan) -> np.ndarray:
+    """Welford's variance with Kahan-compensated mean and sum of squares (Prometheus' ``varianceOverTime``)."""
+    n = scan.size
+    mean, aux = _KahanSums(n), _KahanSums(n)
+    v, delta, x = np.empty(n), np.empty(n), np.empty(n)
+    for j, m, idx in scan:
+        vm, dm, xm = np.take(rv.values, idx, out=v[:m]), delta[:m], x[:m]
+        np.subtract(vm, mean.value(m), out=dm)
+        mean.add(m, np.divide(dm, j + 1, out=xm))
+        np.subtract(vm, mean.value(m), out=xm)
+        aux.add(m, np.multiply(dm, xm, out=xm))
+    return aux.value(n) / np.maximum(scan.count, 1)
+
+
+def _two_pass_variance(rv: RangeVector, scan: _Scan) -> np.ndarray:
+    """The variance of few long windows, one window at a time: Kahan-summed mean, then squared deviations.
+
+    Agrees with Welford's recurrence to the last bit or so (not always bit
+    for bit): NaN where a window holds NaN or Inf, exactly 0 for a constant
+    window. Non-finite results (overflowing squares) are redone by the caller
+    with the exact recurrence.
+    """
+    out = np.zeros(scan.size)
+    for w, lo, hi in scan.slices():
+        x = rv.values[lo:hi]
+        lowest, highest = x.min(), x.max()
+        if not (np.isfinite(lowest) and np.isfinite(highest)):
+            out[w] = np.nan  # Welford turns any NaN or Inf into NaN (Inf - Inf)
+            continue
+        if lowest == highest:
+            continue
+        mean = sum(_neumaier(x)) / len(x)
+        dev = x - mean
+        out[w] = sum(_neumaier(dev * dev)) / len(x)
+    return out
+
+
+def _welford_exact(rv: RangeVector, scan: _Scan) -> np.ndarray:
+    """``_welford`` with ``kahansum.Inc``'s reset of the compensation on overflow, for windows that overflow."""
+    n = scan.size
+    mean, c_mean, aux, c_aux = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
+    for j, m, idx in scan:
+        v = rv.values[idx]
+        delta = v - (mean[:m] + c_mean[:m])
+        mean[:m], c_mean[:m] = _kahan_inc(delta / (j + 1), mean[:m], c_mean[:m])
+        aux[:m], c_aux[:m] = _kahan_inc(delta * (v - (mean[:m] + c_mean[:m])), aux[:m], c_aux[:m])
+    return (aux + c_aux) / np.maximum(scan.count, 1)
+
+
 def _variance(rv: RangeVector) -> tuple[np.ndarray, np.ndarray]:
-    x, wid, starts, cnt, nonempty = _expand(rv)
-    out = np.zeros(len(cnt))
-    if len(x):
-        sums = np.bincount(wid, weights=x, minlength=len(cnt))
-        with np.errstate(all="ignore"):
-            mean = sums / np.maximum(cnt, 1)
-            dev = x - mean[wid]
-            out = np.bincount(wid, weights=dev * dev, minlength=len(cnt)) / np.maximum(cnt, 1)
-            # bincount drops NaN/Inf propagation subtleties; recompute windows holding non-finite values.
-            bad = np.bincount(wid, weights=~np.isfinite(x), minlength=len(cnt)) > 0
-            out[bad] = np.nan
-    return out.reshape(nonempty.shape), nonempty
+    """Welford's running variance with Kahan-compensated mean and sum of squares, as Prometheus."""
+    _, _, _, nonempty, _ = _basics(rv)
+    scan = _Scan(rv)
+    with np.errstate(all="ignore"):
+        var = _two_pass_variance(rv, scan) if scan.deep else _welford(rv, scan)
+        out = scan.result(var)
+        # Where a running sum overflowed, Prometheus' reset of the compensation matters: redo exactly.
+        redo = scan.windows[~np.isfinite(var)]
+        if len(redo):
+            sub = _Scan(rv, redo)
+            out.ravel()[sub.windows] = _welford_exact(rv, sub)
+    return out, nonempty
 
 
 def _stdvar_over_time(rv, _args, ctx):
@@ -240,9 +495,20 @@ def _quantiles(x: np.ndarray, wid: np.ndarray, starts: np.ndarray, cnt: np.ndarr
     return out
 
 
+def _warn_invalid_quantiles(q: np.ndarray, ctx) -> None:
+    """Warns once per quantile value outside [0, 1] (or NaN), as Prometheus at every step it evaluates."""
+    bad = q[np.isnan(q) | (q < 0) | (q > 1)]
+    if len(bad):
+        if np.isnan(bad).any():
+            ctx.warn(annotations.invalid_quantile(math.nan))
+        for v in np.unique(bad[~np.isnan(bad)]):
+            ctx.warn(annotations.invalid_quantile(float(v)))
+
+
 def _quantile_over_time(rv, args, ctx):
     q = _scalar_arg(args[0])
     x, wid, starts, cnt, nonempty = _expand(rv)
+    _warn_invalid_quantiles(q[nonempty.any(axis=0)] if nonempty.size else q[:0], ctx)
     qq = np.broadcast_to(q[None, :], nonempty.shape).ravel()
     return _quantiles(x, wid, starts, cnt, qq).reshape(nonempty.shape), nonempty
 
@@ -252,7 +518,85 @@ def _mad_over_time(rv, args, ctx):
     half = np.full(len(cnt), 0.5)
     med = _quantiles(x, wid, starts, cnt, half)
     dev = np.abs(x - med[wid]) if len(x) else x
-    return _quantiles(dev, wid, starts, cnt, half).reshape(nonempty.shape), nonempty
+    out = _quantiles(dev, wid, starts, cnt, half)
+    # A NaN sample makes the median, and so the deviation, undefined.
+    has_nan = np.bincount(wid, weights=np.isnan(x), minlength=len(cnt)) > 0 if len(x) else np.zeros(len(cnt), bool)
+    out[has_nan] = np.nan
+    return out.reshape(nonempty.shape), nonempty
+
+
+def _ts_of_extreme(largest: bool):
+    """Timestamp (s) of the largest/smallest sample, the latest among equals; NaN only where all are NaN.
+
+    Prometheus keeps the first sample and replaces it by every later one that
+    is ``>=`` (``<=``) or when the kept one is NaN; so the latest non-NaN
+    extreme wins, and the last sample where all are NaN.
+    """
+    def better(cur: np.ndarray, best: np.ndarray) -> np.ndarray:
+        return cur >= best if largest else cur <= best
+
+    def fn(rv, _args, ctx):
+        _, _, _, nonempty, _ = _basics(rv)
+        scan = _Scan(rv)
+        best, best_ts = np.zeros(scan.size), np.zeros(scan.size, dtype=np.int64)
+        if scan.deep:
+            for w, lo, hi in scan.slices():
+                v = rv.values[lo:hi]
+                numbers = np.flatnonzero(~np.isnan(v))
+                at = hi - 1
+                if len(numbers):
+                    cand = v[numbers]
+                    at = lo + numbers[np.flatnonzero(cand == (cand.max() if largest else cand.min()))[-1]]
+                best_ts[w] = rv.ts[at]
+            return scan.result(best_ts / 1000.0), nonempty
+        for j, m, idx in scan:
+            v, t = rv.values[idx], rv.ts[idx]
+            take = (better(v, best[:m]) | np.isnan(best[:m])) if j else np.ones(m, dtype=bool)
+            best[:m] = np.where(take, v, best[:m])
+            best_ts[:m] = np.where(take, t, best_ts[:m])
+        return scan.result(best_ts / 1000.0), nonempty
+    return fn
+
+
+def _ts_of_first_over_time(rv, _args, ctx):
+    lo, hi, count, nonempty, _ = _basics(rv)
+    return _gather(rv.ts, np.where(nonempty, lo, 0)) / 1000.0, nonempty
+
+
+def _ts_of_last_over_time(rv, _args, ctx):
+    lo, hi, count, nonempty, last = _basics(rv)
+    return _gather(rv.ts, last) / 1000.0, nonempty
+
+
+def _double_exponential_smoothing(rv, args, ctx):
+    """Holt's linear smoothing of every window (Prometheus' ``double_exponential_smoothing``)."""
+    sf, tf = _scalar_arg(args[0]), _scalar_arg(args[1])
+    lo, hi, count, nonempty, _ = _basics(rv)
+    used = nonempty.any(axis=0) if nonempty.size else np.zeros(len(sf), dtype=bool)
+    for name, f, short in (("smoothing", sf, "sf"), ("trend", tf, "tf")):
+        bad = used & ~((f > 0) & (f < 1))
+        if bad.any():
+            got = float(f[np.argmax(bad)])
+            shown = annotations.go_float(got) if not math.isfinite(got) else f"{got:.6f}"
+            raise ExecutionError(f"invalid {name} factor. Expected: 0 < {short} < 1, got: {shown}")
+    scan = _Scan(rv)
+    sfw, tfw = scan.arg(sf), scan.arg(tf)
+    n = scan.size
+    s0, s1, b = np.zeros(n), np.zeros(n), np.zeros(n)
+    with np.errstate(all="ignore"):
+        for j, m, idx in scan:
+            v = rv.values[idx]
+            if j == 0:
+                s1[:m] = v
+                continue
+            if j == 1:
+                b[:m] = v - s1[:m]
+            else:
+                b[:m] = tfw[:m] * (s1[:m] - s0[:m]) + (1 - tfw[:m]) * b[:m]
+            smoothed = sfw[:m] * v + (1 - sfw[:m]) * (s1[:m] + b[:m])
+            s0[:m] = s1[:m]
+            s1[:m] = smoothed
+    return scan.result(s1), count >= 2
 
 
 def _regression(rv: RangeVector, intercept_ms: np.ndarray):
@@ -314,7 +658,7 @@ _RANGE = {
     "delta": _extrapolated(False, False),
     "irate": _instant_delta(True),
     "idelta": _instant_delta(False),
-    "sum_over_time": _fold(np.add),
+    "sum_over_time": _sum_over_time,
     "min_over_time": _fold(np.fmin),
     "max_over_time": _fold(np.fmax),
     "avg_over_time": _avg_over_time,
@@ -328,6 +672,11 @@ _RANGE = {
     "mad_over_time": _mad_over_time,
     "changes": _pairwise_count(lambda cur, prev: ~((cur == prev) | (np.isnan(cur) & np.isnan(prev)))),
     "resets": _pairwise_count(lambda cur, prev: cur < prev),
+    "ts_of_min_over_time": _ts_of_extreme(largest=False),
+    "ts_of_max_over_time": _ts_of_extreme(largest=True),
+    "ts_of_first_over_time": _ts_of_first_over_time,
+    "ts_of_last_over_time": _ts_of_last_over_time,
+    "double_exponential_smoothing": _double_exponential_smoothing,
     "deriv": _deriv,
     "predict_linear": _predict_linear,
 }
@@ -433,95 +782,114 @@ def _date(part: str):
     return fn
 
 
+def _classic_histograms(vec: Vector, ctx) -> list[histograms.BucketGroup]:
+    return histograms.group_buckets(vec, ctx.warn)
+
+
+def _forced_monotonicity(group: histograms.BucketGroup, forced: np.ndarray, ctx) -> None:
+    if forced.any():
+        ctx.info(annotations.forced_monotonicity(group.labels.get(METRIC_NAME)))
+
+
+def _group_quantiles(groups: list[histograms.BucketGroup], q: np.ndarray, ctx) -> list[tuple[Labels, np.ndarray, np.ndarray]]:
+    """``(labels without le, values, present)`` of the ``q`` quantile of every classic histogram."""
+    steps = len(ctx.steps)
+    out = []
+    for g in groups:
+        res = np.full(steps, np.nan)
+        present = np.zeros(steps, dtype=bool)
+        for rows, cols in g.column_sets():
+            vals, forced = histograms.bucket_quantile(q[cols], g.uppers[rows], g.counts[np.ix_(rows, cols)])
+            res[cols] = vals
+            present[cols] = True
+            _forced_monotonicity(g, forced, ctx)
+        out.append((g.labels, res, present))
+    return out
+
+
+def _vector_of(rows: list[tuple[Labels, np.ndarray, np.ndarray]], steps: int) -> Vector:
+    if not rows:
+        return Vector.empty(steps)
+    vec = Vector([_engine.drop_name(r[0]) for r in rows], np.array([r[1] for r in rows]),
+                 np.array([r[2] for r in rows]))
+    return _engine.merge_same_labels(vec, _DUP)
+
+
 def _histogram_quantile(vals, ctx):
     q = _scalar_arg(vals[0])
     vec = _vector_arg(vals[1], "histogram_quantile")
-    groups: dict[Labels, list[tuple[float, int]]] = {}
-    for i, lb in enumerate(vec.labels):
-        le = lb.get("le")
-        try:
-            upper = float(le.replace("Inf", "inf")) if le else None
-        except ValueError:
-            upper = None
-        if upper is None:
-            continue
-        key = _engine.drop_name(lb.without(("le",)))
-        groups.setdefault(key, []).append((upper, i))
+    _warn_invalid_quantiles(q, ctx)
+    return _vector_of(_group_quantiles(_classic_histograms(vec, ctx), q, ctx), len(ctx.steps))
+
+
+def _histogram_quantiles(node, args, ctx):
+    """``histogram_quantiles(v, "label", q...)``: one series per histogram and quantile, the quantile in ``label``."""
+    vec = _vector_arg(_engine.evaluate(args[0], ctx), "histogram_quantiles")
+    label = _string_arg(args[1], ctx)
+    qs = [_scalar_arg(_engine.evaluate(a, ctx)) for a in args[2:]]
+    for q in qs:
+        _warn_invalid_quantiles(q, ctx)
+    groups = _classic_histograms(vec, ctx)
+    rows = []
+    for q in qs:
+        per_group = _group_quantiles(groups, q, ctx)
+        # The quantile may differ between steps; each value is its own series.
+        nan = np.isnan(q)
+        values = ([math.nan] if nan.any() else []) + [float(v) for v in np.unique(q[~nan])]
+        for v in values:
+            at = nan if math.isnan(v) else q == v
+            text = annotations.openmetrics_float(v)
+            for lbls, res, present in per_group:
+                rows.append((lbls.with_label(label, text), res, present & at))
+    return _vector_of(rows, len(ctx.steps))
+
+
+def _histogram_fraction(vals, ctx):
+    lower, upper = _scalar_arg(vals[0]), _scalar_arg(vals[1])
+    vec = _vector_arg(vals[2], "histogram_fraction")
     steps = len(ctx.steps)
-    labels, out, present = [], [], []
-    for key, buckets in groups.items():
-        buckets.sort(key=lambda b: b[0])
-        uppers = np.array([b[0] for b in buckets])
-        rows = [b[1] for b in buckets]
-        vals_g, pres_g = vec.values[rows], vec.present[rows]
+    rows = []
+    for g in _classic_histograms(vec, ctx):
         res = np.full(steps, np.nan)
-        any_p = pres_g.any(axis=0)
-        for k in np.flatnonzero(any_p):
-            p = pres_g[:, k]
-            res[k] = bucket_quantile(float(q[k]), uppers[p], vals_g[p, k])
-        labels.append(key)
-        out.append(res)
-        present.append(any_p)
-    if not labels:
-        return Vector.empty(steps)
-    return _engine.merge_same_labels(Vector(labels, np.array(out), np.array(present)), _DUP)
+        present = np.zeros(steps, dtype=bool)
+        for brows, cols in g.column_sets():
+            res[cols] = histograms.bucket_fraction(lower[cols], upper[cols], g.uppers[brows],
+                                                   g.counts[np.ix_(brows, cols)])
+            present[cols] = True
+        rows.append((g.labels, res, present))
+    return _vector_of(rows, steps)
 
 
-def _almost_equal(a: float, b: float, eps: float) -> bool:
-    if a == b:
-        return True
-    min_normal = 2.2250738585072014e-308
-    abs_sum = abs(a) + abs(b)
-    diff = abs(a - b)
-    if a == 0 or b == 0 or abs_sum < min_normal:
-        return diff < eps * min_normal
-    return diff / min(abs_sum, 1.7976931348623157e308) < eps
+def _min_of(vals, ctx):
+    a, b = _scalar_arg(vals[0]), _scalar_arg(vals[1])
+    # Go's math.Min: NaN wins, and -0 is below +0.
+    out = np.where((a == 0) & (b == 0), np.where(np.signbit(a), a, b), np.minimum(a, b))
+    return Scalar(out)
 
 
-def bucket_quantile(q: float, uppers: np.ndarray, counts: np.ndarray) -> float:
-    """The ``q`` quantile of a classic histogram (``uppers`` sorted ascending), as Prometheus' BucketQuantile."""
-    if math.isnan(q):
-        return math.nan
-    if q < 0:
-        return -math.inf
-    if q > 1:
-        return math.inf
-    if len(uppers) == 0 or not math.isinf(uppers[-1]) or uppers[-1] < 0:
-        return math.nan
-    ub: list[float] = []
-    cnt: list[float] = []
-    for u, c in zip(uppers.tolist(), counts.tolist()):
-        if ub and ub[-1] == u:
-            cnt[-1] += c
-        else:
-            ub.append(u)
-            cnt.append(c)
-    prev = cnt[0]
-    for i in range(1, len(cnt)):
-        cur = cnt[i]
-        if cur == prev:
-            continue
-        if _almost_equal(prev, cur, 1e-12) or cur < prev:
-            cnt[i] = prev
-            continue
-        prev = cur
-    if len(ub) < 2:
-        return math.nan
-    observations = cnt[-1]
-    if observations == 0:
-        return math.nan
-    rank = q * observations
-    b = next((i for i in range(len(cnt) - 1) if cnt[i] >= rank), len(cnt) - 1)
-    if b == len(cnt) - 1:
-        return ub[-2]
-    if b == 0 and ub[0] <= 0:
-        return ub[0]
-    start, end, count = 0.0, ub[b], cnt[b]
-    if b > 0:
-        start = ub[b - 1]
-        count -= cnt[b - 1]
-        rank -= cnt[b - 1]
-    return start + (end - start) * (rank / count)
+def _max_of(vals, ctx):
+    a, b = _scalar_arg(vals[0]), _scalar_arg(vals[1])
+    out = np.where((a == 0) & (b == 0), np.where(np.signbit(a), b, a), np.maximum(a, b))
+    return Scalar(out)
+
+
+def _query_start(vals, ctx):
+    return Scalar(np.full(len(ctx.steps), ctx.query_start / 1000.0))
+
+
+def _query_end(vals, ctx):
+    return Scalar(np.full(len(ctx.steps), ctx.query_end / 1000.0))
+
+
+def _query_range(vals, ctx):
+    return Scalar(np.full(len(ctx.steps), (ctx.query_end - ctx.query_start) / 1000.0))
+
+
+def _query_step(vals, ctx):
+    # Prometheus folds step() into the query's step (0 for an instant query). Inside a
+    # subquery ctx.interval is the subquery's step; the context does not carry the query's.
+    step = 0 if ctx.query_start == ctx.query_end else ctx.interval
+    return Scalar(np.full(len(ctx.steps), step / 1000.0))
 
 
 _INSTANT = {
@@ -529,6 +897,9 @@ _INSTANT = {
     "time": _time, "pi": _pi, "vector": _vector, "scalar": _scalar,
     "sort": _sort, "sort_desc": _sort,
     "histogram_quantile": _histogram_quantile,
+    "histogram_fraction": _histogram_fraction,
+    "min_of": _min_of, "max_of": _max_of,
+    "start": _query_start, "end": _query_end, "range": _query_range, "step": _query_step,
     **{p: _date(p) for p in ("year", "month", "day_of_month", "day_of_year", "day_of_week",
                              "days_in_month", "hour", "minute")},
 }
@@ -641,11 +1012,58 @@ def _label_join(node, args, ctx):
     return _engine.merge_same_labels(Vector(labels, vec.values, vec.present), _DUP)
 
 
+def natural_less(a: str, b: str) -> bool:
+    """Whether ``a`` sorts before ``b`` in natural order: digit runs compare as numbers (facette/natsort)."""
+    x, y = a.encode(), b.encode()
+    i = j = 0
+    while True:
+        if i >= len(x):
+            return j < len(y)
+        if j >= len(y):
+            return False
+        cx, cy = x[i], y[j]
+        if 48 <= cx <= 57 and 48 <= cy <= 57:
+            # A run of digits, leading zeros skipped (but a final zero kept), compares by length then text.
+            while cx == 48 and i + 1 < len(x):
+                i += 1
+                cx = x[i]
+            while cy == 48 and j + 1 < len(y):
+                j += 1
+                cy = y[j]
+            ni = 1
+            while i + ni < len(x) and 48 <= x[i + ni] <= 57:
+                ni += 1
+            nj = 1
+            while j + nj < len(y) and 48 <= y[j + nj] <= 57:
+                nj += 1
+            if ni != nj:
+                return ni < nj
+            ra, rb = x[i:i + ni], y[j:j + nj]
+            if ra != rb:
+                return ra < rb
+            i += ni
+            j += nj
+            continue
+        if cx != cy:
+            return cx < cy
+        i += 1
+        j += 1
+
+
 def _sort_by_label(node, args, ctx):
     vec = _vector_arg(_engine.evaluate(args[0], ctx), node.func.name)
     names = [_string_arg(a, ctx) for a in args[1:]]
-    order = sorted(range(len(vec)), key=lambda i: ([vec.labels[i].get(n) for n in names], vec.labels[i]),
-                   reverse=node.func.name.endswith("_desc"))
+    desc = node.func.name.endswith("_desc")
+
+    def cmp(i: int, j: int) -> int:
+        a, b = vec.labels[i], vec.labels[j]
+        for n in names:
+            va, vb = a.get(n), b.get(n)
+            if va != vb:
+                return -1 if natural_less(va, vb) else 1
+        return (a > b) - (a < b)
+
+    order = sorted(range(len(vec)), key=functools.cmp_to_key(cmp), reverse=desc)
     return vec.take(order)
 
 
@@ -655,6 +1073,7 @@ _SPECIAL = {
     "absent_over_time": _absent_over_time,
     "label_replace": _label_replace,
     "label_join": _label_join,
+    "histogram_quantiles": _histogram_quantiles,
     "sort_by_label": _sort_by_label,
     "sort_by_label_desc": _sort_by_label,
 }

@@ -7,6 +7,11 @@ apart. A range vector (matrix selector or subquery) keeps the raw samples of
 every series in one flat array with per-series offsets, plus the window
 ``(left, right]`` of every step. Results handed to callers are plain
 NamedTuples (``Sample``, ``RangeSeries``) inside a ``Result``.
+
+A series whose metric name an operation has dropped keeps its name until
+the query finishes (Prometheus 3's delayed ``__name__`` removal): its labels
+are a ``DropNameLabels``, which equals the plain label set and carries the
+``DropName`` mark of Prometheus' ``Series``/``Sample`` along with the labels.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import NamedTuple, Union
 
 import numpy as np
 
-from store.labels import Labels
+from store.labels import METRIC_NAME, Labels
 
 STALE_NAN_BITS = 0x7FF0000000000002
 
@@ -24,6 +29,49 @@ STALE_NAN_BITS = 0x7FF0000000000002
 def is_stale(values: np.ndarray) -> np.ndarray:
     """True where a value carries the stale-marker NaN payload."""
     return values.view(np.uint64) == np.uint64(STALE_NAN_BITS)
+
+
+METADATA_LABELS = (METRIC_NAME, "__type__", "__unit__")
+
+
+class DropNameLabels(Labels):
+    """Labels whose metric name (and ``__type__``/``__unit__``) is removed when the query finishes.
+
+    It is Prometheus' ``DropName`` flag riding on the label set: it compares
+    and hashes like the plain labels (series are matched and merged by labels
+    alone, as in Prometheus), so it only matters where the name is finally
+    removed. Setting a label keeps the mark, except setting ``__name__``
+    itself (``label_replace``/``label_join`` to ``__name__`` keep the name);
+    every other label operation returns plain ``Labels``.
+    """
+
+    __slots__ = ()
+
+    def with_label(self, name: str, value: str) -> Labels:
+        out = Labels.with_label(self, name, value)
+        return out if name == METRIC_NAME else DropNameLabels.sorted_unchecked(out)
+
+    def __repr__(self) -> str:
+        return f"DropNameLabels({str(self)})"
+
+
+def mark_drop_name(lbls: Labels) -> Labels:
+    """``lbls`` marked for name removal at the end of the query (unchanged if it has no metadata label)."""
+    if isinstance(lbls, DropNameLabels) or not any(n in METADATA_LABELS for n, _ in lbls):
+        return lbls
+    return DropNameLabels.sorted_unchecked(lbls)
+
+
+def strip_name(lbls: Labels) -> Labels:
+    """Plain labels without ``__name__``, ``__type__`` and ``__unit__`` (the removal itself)."""
+    if any(n in METADATA_LABELS for n, _ in lbls):
+        return Labels.sorted_unchecked(p for p in lbls if p[0] not in METADATA_LABELS)
+    return Labels.sorted_unchecked(lbls) if type(lbls) is not Labels else lbls
+
+
+def finish_name(lbls: Labels) -> Labels:
+    """The labels a series ends the query with: stripped if marked, else as they are."""
+    return strip_name(lbls) if isinstance(lbls, DropNameLabels) else lbls
 
 
 @dataclass(slots=True)

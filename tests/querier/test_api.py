@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import urllib.parse
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from querier import api as api_mod
 from querier.api import QueryAPI, format_timestamp, parse_duration, parse_time
 from querier.aggregations import format_value
 from querier.engine import Engine
@@ -158,3 +162,16 @@ def test_timestamps_and_durations():
     assert parse_duration("15s") == 15_000 and parse_duration("1m30s") == 90_000 and parse_duration("0.5") == 500
     with pytest.raises(ValueError):
         parse_time("yesterday")
+
+
+@settings(max_examples=300)
+@given(st.lists(st.tuples(st.integers(-2**45, 2**45),
+                          st.floats(allow_nan=True, allow_infinity=True) | st.integers(-10**6, 10**6).map(float)),
+                max_size=30))
+def test_bulk_json_formatting_equals_the_per_point_formatting(points):
+    ts = np.array([t for t, _ in points], dtype=np.int64)
+    vals = np.array([v for _, v in points], dtype=np.float64)
+    assert api_mod.timestamps_json(ts) == [api_mod.format_timestamp(t) for t in ts.tolist()]
+    assert api_mod.values_json(vals) == [format_value(v) for v in vals.tolist()]
+    ms = np.abs(ts) // 1000 * 1000  # whole seconds: the split fast path
+    assert api_mod.timestamps_json(ms) == [api_mod.format_timestamp(t) for t in ms.tolist()]
