@@ -94,3 +94,25 @@ class ObjectNotFound(StorageError, KeyError):
     def __str__(self) -> str:
         # KeyError.__str__ shows the repr of its argument; a message reads better as is.
         return Exception.__str__(self)
+
+
+class BlockError(StorageError):
+    """A block in the bucket cannot be read; the message names the block and the file."""
+
+
+class IncompleteBlock(BlockError):
+    """The block has no ``meta.json``: it does not exist, its upload has not finished, or its
+    deletion has begun. Readers skip such blocks; they are not an error of the data."""
+
+
+class CorruptBlock(BlockError, ValueError):
+    """A block file that does not decode, is missing although ``meta.json`` lists it, or does not
+    match ``meta.json`` (size, checksum, counts)."""
+
+
+class TruncatedBlock(CorruptBlock):
+    """A block file shorter than ``meta.json`` says it is."""
+
+
+class UnsupportedBlockVersion(BlockError, UnsupportedVersion):
+    """A block whose ``meta.json`` or files declare a format or version this reader does not know."""

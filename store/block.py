@@ -1,0 +1,985 @@
+"""Blocks: immutable, columnar files of one time range in a bucket (format version 1).
+
+A block is the long-term form of a closed window of the head: under ``<ULID>/`` in
+a bucket, a Parquet data file of samples, a Parquet index of the series, and
+``meta.json``, uploaded last so that its presence means "complete" (Thanos' rule).
+The byte format is specified in ``store/docs/format/block.md``; in short:
+
+* ``data.parquet``: columns ``ref`` (series), ``t`` (ms) and ``v``, one row per
+  sample, sorted by series then time, cut into row groups of a fixed row count;
+  zstd with DELTA_BINARY_PACKED ``ref``/``t`` and BYTE_STREAM_SPLIT ``v``, CRC32
+  on every page, min/max statistics on ``t``.
+* ``index.parquet``: one row per series in label order: ``ref``, series ``id``
+  (``Labels.hash()``), canonical label bytes, first and last timestamp, and the
+  series' first row and row count in the data file.
+* ``meta.json``: ULID, ``[minTime, maxTime)``, counts, resolution, compaction
+  level and sources, external labels, and every file's size and SHA-256.
+
+``write_block`` streams series into temporary files and uploads them;
+``encode_block`` is the codec underneath, writing into file objects. A
+``BlockReader`` implements ``store.storage.Querier``: it reads ``meta.json`` when
+opened, the index and the data file's footer once on first use, and for each
+``select`` only the ``t`` and ``v`` column chunks of the row groups that hold the
+selected series in the selected time range, by coalesced range GETs. Every byte
+it uses is checked: the index against ``meta.json``'s SHA-256, the data footer
+against a SHA-256 in the index, data pages by their CRC32. ``verify_block``
+checks everything, for ``flashback bucket verify`` and the compactor.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import io
+import json
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import BinaryIO, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from store import ulid as ulids
+from store import xorfast
+from store.bucket import DIR_DELIM, Bucket
+from store.chunks import MAX_SAMPLES_PER_CHUNK, Chunk
+from store.errors import (
+    BlockError, CorruptBlock, IncompleteBlock, ObjectNotFound, TruncatedBlock,
+    UnsupportedBlockVersion,
+)
+from store.labels import SEP, Labels
+from store.matchers import Matcher
+from store.postings import MemPostings
+from store.storage import SelectHints
+
+FORMAT = "flashback-block"
+VERSION = 1
+
+META_FILE = "meta.json"
+DATA_FILE = "data.parquet"
+INDEX_FILE = "index.parquet"
+
+DEFAULT_ROWS_PER_GROUP = 65_536
+DEFAULT_COMPRESSION_LEVEL = 3
+
+KV_VERSION = b"flashback.block.version"
+KV_FOOTER_BYTES = b"flashback.block.data_footer_bytes"
+KV_FOOTER_SHA256 = b"flashback.block.data_footer_sha256"
+
+DATA_SCHEMA = pa.schema([
+    pa.field("ref", pa.uint32(), nullable=False),
+    pa.field("t", pa.int64(), nullable=False),
+    pa.field("v", pa.float64(), nullable=False),
+])
+INDEX_SCHEMA = pa.schema([
+    pa.field("ref", pa.uint32(), nullable=False),
+    pa.field("id", pa.uint64(), nullable=False),
+    pa.field("labels", pa.binary(), nullable=False),
+    pa.field("mint", pa.int64(), nullable=False),
+    pa.field("maxt", pa.int64(), nullable=False),
+    pa.field("first_row", pa.int64(), nullable=False),
+    pa.field("num_rows", pa.int64(), nullable=False),
+])
+
+# pyarrow reads this much of a file's end to find its footer.
+_FOOTER_READ_SIZE = 64 * 1024
+# Byte ranges of a select closer than this are fetched with one range GET.
+_COALESCE_GAP = 16 * 1024
+# Chunk size of streamed downloads (verify).
+_DOWNLOAD_CHUNK = 16 * 1024 * 1024
+_MIN_INT64 = -(1 << 63)
+_MAX_INT64 = (1 << 63) - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# meta.json
+
+
+@dataclass(frozen=True, slots=True)
+class BlockFile:
+    """One file of a block: its name relative to the block directory, size and SHA-256 (hex)."""
+
+    rel_path: str
+    size_bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class BlockMeta:
+    """The contents of a block's ``meta.json`` (see ``store/docs/format/block.md``).
+
+    ``min_time``/``max_time`` bound the block's samples as Prometheus' do:
+    ``min_time <= t < max_time`` (ms). ``resolution`` is the sample spacing of
+    downsampled data in ms, 0 for raw samples. ``sources`` are the ULIDs of the
+    level-1 blocks whose data this block holds (itself for a level-1 block).
+    ``labels`` are external labels shared by all series of the block (shard,
+    replica, tenant), not part of the series' labels.
+    """
+
+    ulid: str
+    min_time: int
+    max_time: int
+    num_series: int
+    num_samples: int
+    resolution: int = 0
+    level: int = 1
+    sources: tuple[str, ...] = ()
+    labels: Labels = field(default_factory=Labels)
+    files: tuple[BlockFile, ...] = ()
+    version: int = VERSION
+
+    def file(self, rel_path: str) -> BlockFile:
+        """The entry of ``rel_path``; raises CorruptBlock if meta.json does not list it."""
+        for f in self.files:
+            if f.rel_path == rel_path:
+                return f
+        raise CorruptBlock(f"block {self.ulid}: meta.json lists no file {rel_path!r}")
+
+    def to_json(self) -> bytes:
+        doc = {
+            "ulid": self.ulid,
+            "minTime": self.min_time,
+            "maxTime": self.max_time,
+            "stats": {"numSeries": self.num_series, "numSamples": self.num_samples},
+            "compaction": {"level": self.level, "sources": list(self.sources)},
+            "resolution": self.resolution,
+            "labels": dict(self.labels),
+            "files": [{"relPath": f.rel_path, "sizeBytes": f.size_bytes, "sha256": f.sha256} for f in self.files],
+            "format": FORMAT,
+            "version": self.version,
+        }
+        return json.dumps(doc, indent=2).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, data: bytes, context: str = "meta.json") -> "BlockMeta":
+        """Parses and validates a meta.json document.
+
+        Raises:
+            UnsupportedBlockVersion: another format or a version other than 1.
+            CorruptBlock: not JSON, or a field is missing or of the wrong type.
+        """
+        try:
+            doc = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CorruptBlock(f"{context}: not valid JSON: {err}") from None
+        if not isinstance(doc, dict):
+            raise CorruptBlock(f"{context}: not a JSON object")
+        fmt, version = doc.get("format"), doc.get("version")
+        if fmt != FORMAT:
+            raise UnsupportedBlockVersion(f"{context}: format {fmt!r} is not {FORMAT!r} "
+                                          "(a Prometheus TSDB block, or not a block at all?)")
+        if version != VERSION or isinstance(version, bool):
+            raise UnsupportedBlockVersion(f"{context}: format version {version!r} is not supported "
+                                          f"(this reader knows version {VERSION})")
+        try:
+            stats, compaction = doc["stats"], doc["compaction"]
+            files = tuple(BlockFile(_str(f["relPath"]), _int(f["sizeBytes"]), _sha(f["sha256"]))
+                          for f in _list(doc["files"]))
+            labels = doc.get("labels") or {}
+            if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
+                raise TypeError("labels must map names to strings")
+            meta = cls(
+                ulid=_ulid(doc["ulid"]),
+                min_time=_int(doc["minTime"]),
+                max_time=_int(doc["maxTime"]),
+                num_series=_int(stats["numSeries"]),
+                num_samples=_int(stats["numSamples"]),
+                resolution=_int(doc.get("resolution", 0)),
+                level=_int(compaction["level"]),
+                sources=tuple(_ulid(s) for s in _list(compaction["sources"])),
+                labels=Labels.from_dict(labels),
+                files=files,
+                version=version,
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise CorruptBlock(f"{context}: invalid field: {type(err).__name__}: {err}") from None
+        if meta.min_time >= meta.max_time:
+            raise CorruptBlock(f"{context}: minTime {meta.min_time} is not below maxTime {meta.max_time}")
+        for name in (DATA_FILE, INDEX_FILE):
+            meta.file(name)
+        return meta
+
+
+def _int(x: object) -> int:
+    if not isinstance(x, int) or isinstance(x, bool) or x < _MIN_INT64 or x > _MAX_INT64:
+        raise TypeError(f"{x!r} is not a 64-bit integer")
+    return x
+
+
+def _str(x: object) -> str:
+    if not isinstance(x, str) or not x:
+        raise TypeError(f"{x!r} is not a non-empty string")
+    return x
+
+
+def _list(x: object) -> list:
+    if not isinstance(x, list):
+        raise TypeError(f"{x!r} is not a list")
+    return x
+
+
+def _sha(x: object) -> str:
+    if not isinstance(x, str) or len(x) != 64 or any(c not in "0123456789abcdef" for c in x):
+        raise TypeError(f"{x!r} is not a lower-case hex SHA-256")
+    return x
+
+
+def _ulid(x: object) -> str:
+    if not ulids.is_valid(x):
+        raise ValueError(f"{x!r} is not a ULID")
+    return x  # type: ignore[return-value]
+
+
+def read_meta(bucket: Bucket, ulid: str) -> BlockMeta:
+    """The meta.json of block ``ulid``.
+
+    Raises:
+        IncompleteBlock: there is no meta.json.
+        UnsupportedBlockVersion, CorruptBlock: it cannot be used.
+        BucketError: the bucket failed.
+    """
+    name = ulid + DIR_DELIM + META_FILE
+    try:
+        data = bucket.get(name)
+    except ObjectNotFound:
+        raise IncompleteBlock(f"block {ulid}: no {META_FILE} (not uploaded completely, being deleted, "
+                              "or no such block)") from None
+    meta = BlockMeta.from_json(data, f"block {ulid}: {META_FILE}")
+    if meta.ulid != ulid:
+        raise CorruptBlock(f"block {ulid}: {META_FILE} names block {meta.ulid}")
+    return meta
+
+
+def list_blocks(bucket: Bucket) -> list[str]:
+    """ULIDs of the complete blocks (with a meta.json) at the root of ``bucket``, sorted."""
+    out = []
+    for entry in bucket.iter(""):
+        if entry.endswith(DIR_DELIM) and ulids.is_valid(entry[:-1]):
+            if bucket.exists(entry + META_FILE):
+                out.append(entry[:-1])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+SeriesData = tuple[Labels, np.ndarray, np.ndarray]
+
+
+class EncodedFile(NamedTuple):
+    """Size and SHA-256 of an encoded file, and its last 8 bytes (the Parquet trailer)."""
+
+    size: int
+    sha256: str
+    trailer: bytes
+
+
+class EncodedBlock(NamedTuple):
+    num_series: int
+    num_samples: int
+    data: EncodedFile
+    index: EncodedFile
+
+
+class _HashingWriter(io.RawIOBase):
+    """Passes writes through to ``out`` while counting and hashing them."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self._out = out
+        self._hash = hashlib.sha256()
+        self._size = 0
+        self._tail = b""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:  # type: ignore[override]
+        view = memoryview(b).cast("B")
+        self._out.write(view)
+        self._hash.update(view)
+        self._size += len(view)
+        self._tail = bytes(view[-8:]) if len(view) >= 8 else (self._tail + bytes(view))[-8:]
+        return len(view)
+
+    def tell(self) -> int:
+        return self._size
+
+    def close(self) -> None:
+        # The caller owns ``out``; pyarrow may close this wrapper.
+        super().close()
+
+    def result(self) -> EncodedFile:
+        return EncodedFile(self._size, self._hash.hexdigest(), self._tail)
+
+
+def encode_block(series: Iterable[SeriesData], data_out: BinaryIO, index_out: BinaryIO, *,
+                 min_time: int, max_time: int, rows_per_group: int = DEFAULT_ROWS_PER_GROUP,
+                 compression_level: int = DEFAULT_COMPRESSION_LEVEL) -> EncodedBlock:
+    """Encodes series into a data file and an index file (the codec under ``write_block``).
+
+    Args:
+        series: ``(labels, timestamps, values)`` sorted by labels, each label set once;
+            timestamps (int64 ms) strictly increasing within ``[min_time, max_time)``,
+            values float64 of the same length. Series without samples are left out.
+        data_out, index_out: binary files the two Parquet files are written to, not closed;
+            ``data_out`` must also be readable and seekable: the footer is read back to hash it
+            into the index, which lets readers trust the footer without reading the whole file.
+        rows_per_group: samples per row group of the data file, the unit a reader fetches.
+        compression_level: zstd level.
+
+    Raises:
+        ValueError: the series break one of the rules above.
+    """
+    if rows_per_group < 1:
+        raise ValueError(f"rows_per_group must be positive, got {rows_per_group}")
+    if min_time >= max_time:
+        raise ValueError(f"min_time {min_time} must be below max_time {max_time}")
+    data_w = _HashingWriter(data_out)
+    writer = pq.ParquetWriter(
+        data_w, DATA_SCHEMA, compression="zstd", compression_level=compression_level, use_dictionary=False,
+        column_encoding={"ref": "DELTA_BINARY_PACKED", "t": "DELTA_BINARY_PACKED", "v": "BYTE_STREAM_SPLIT"},
+        write_statistics=["t"], write_page_checksum=True, store_schema=False)
+    ids: list[int] = []
+    keys: list[bytes] = []
+    mints: list[int] = []
+    maxts: list[int] = []
+    counts: list[int] = []
+    pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    buffered = 0
+    prev: Labels | None = None
+
+    def flush(final: bool) -> None:
+        nonlocal pending, buffered
+        refs = np.concatenate([p[0] for p in pending])
+        ts = np.concatenate([p[1] for p in pending])
+        vs = np.concatenate([p[2] for p in pending])
+        full = len(ts) if final else len(ts) - len(ts) % rows_per_group
+        if full:
+            table = pa.Table.from_arrays([pa.array(refs[:full]), pa.array(ts[:full]), pa.array(vs[:full])],
+                                         schema=DATA_SCHEMA)
+            writer.write_table(table, row_group_size=rows_per_group)
+        pending = [(refs[full:], ts[full:], vs[full:])] if full < len(ts) else []
+        buffered = len(ts) - full
+
+    try:
+        for labels, ts, vs in series:
+            if not isinstance(labels, Labels):
+                raise ValueError(f"series labels must be Labels, got {type(labels).__name__}")
+            if prev is not None and not prev < labels:
+                raise ValueError(f"series are not sorted by labels: {labels} after {prev}")
+            prev = labels
+            ts = np.asarray(ts)
+            vs = np.asarray(vs)
+            if ts.ndim != 1 or vs.ndim != 1 or len(ts) != len(vs):
+                raise ValueError(f"series {labels}: timestamps and values must be 1-D of one length, "
+                                 f"got shapes {ts.shape} and {vs.shape}")
+            if len(ts) == 0:
+                continue
+            if ts.dtype.kind not in "iu" or vs.dtype.kind != "f":
+                raise ValueError(f"series {labels}: want integer timestamps and float values, "
+                                 f"got {ts.dtype} and {vs.dtype}")
+            ts = ts.astype(np.int64, copy=False)
+            vs = vs.astype(np.float64, copy=False)
+            if len(ts) > 1 and not (np.diff(ts) > 0).all():
+                raise ValueError(f"series {labels}: timestamps are not strictly increasing")
+            first, last = int(ts[0]), int(ts[-1])
+            if first < min_time or last >= max_time:
+                raise ValueError(f"series {labels}: samples from {first} to {last} outside the block's "
+                                 f"[{min_time}, {max_time})")
+            ref = len(keys)
+            ids.append(labels.hash())
+            keys.append(labels.canonical())
+            mints.append(first)
+            maxts.append(last)
+            counts.append(len(ts))
+            pending.append((np.full(len(ts), ref, dtype=np.uint32), ts, vs))
+            buffered += len(ts)
+            if buffered >= rows_per_group:
+                flush(False)
+        if pending:
+            flush(True)
+        writer.add_key_value_metadata({KV_VERSION: str(VERSION)})
+    finally:
+        writer.close()
+    data = data_w.result()
+    footer_bytes = int.from_bytes(data.trailer[:4], "little") + 8
+    data_out.flush()
+
+    counts_a = np.array(counts, dtype=np.int64)
+    first_rows = np.concatenate(([0], np.cumsum(counts_a)[:-1])).astype(np.int64) if counts else counts_a
+    index = pa.Table.from_arrays([
+        pa.array(np.arange(len(keys), dtype=np.uint32)),
+        pa.array(np.array(ids, dtype=np.uint64)),
+        pa.array(keys, type=pa.binary()),
+        pa.array(np.array(mints, dtype=np.int64)),
+        pa.array(np.array(maxts, dtype=np.int64)),
+        pa.array(first_rows),
+        pa.array(counts_a),
+    ], schema=INDEX_SCHEMA)
+    index_w = _HashingWriter(index_out)
+    iw = pq.ParquetWriter(
+        index_w, INDEX_SCHEMA, compression="zstd", compression_level=compression_level,
+        use_dictionary=False, write_statistics=False, write_page_checksum=True, store_schema=False,
+        column_encoding={"ref": "DELTA_BINARY_PACKED", "mint": "DELTA_BINARY_PACKED",
+                         "maxt": "DELTA_BINARY_PACKED", "first_row": "DELTA_BINARY_PACKED",
+                         "num_rows": "DELTA_BINARY_PACKED"})
+    try:
+        iw.write_table(index, row_group_size=max(1, len(keys)))
+        iw.add_key_value_metadata({KV_VERSION: str(VERSION), KV_FOOTER_BYTES: str(footer_bytes),
+                                   KV_FOOTER_SHA256: _footer_sha(data_out, data.size, footer_bytes)})
+    finally:
+        iw.close()
+    return EncodedBlock(len(keys), int(counts_a.sum()), data, index_w.result())
+
+
+def _footer_sha(data_out: BinaryIO, size: int, footer_bytes: int) -> str:
+    """SHA-256 of the last ``footer_bytes`` of the data file, read back from ``data_out``."""
+    pos = data_out.tell()
+    data_out.seek(size - footer_bytes)
+    digest = hashlib.sha256(data_out.read(footer_bytes)).hexdigest()
+    data_out.seek(pos)
+    return digest
+
+
+def _wall_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def write_block(bucket: Bucket, series: Iterable[SeriesData], *, min_time: int, max_time: int,
+                resolution: int = 0, level: int = 1, sources: Sequence[str] = (),
+                external_labels: Mapping[str, str] | None = None, ulid: str | None = None,
+                now: Callable[[], int] = _wall_ms, rows_per_group: int = DEFAULT_ROWS_PER_GROUP,
+                compression_level: int = DEFAULT_COMPRESSION_LEVEL, tmp_dir: str | None = None) -> BlockMeta:
+    """Writes a block of ``series`` to ``bucket`` under ``<ULID>/``; ``meta.json`` is uploaded last.
+
+    Args:
+        bucket: where the block goes.
+        series: as for ``encode_block``: sorted by labels, samples in ``[min_time, max_time)``.
+        min_time, max_time: the block's time range in ms, ``max_time`` exclusive.
+        resolution: sample spacing in ms of downsampled data, 0 for raw.
+        level: compaction level, 1 for a block made from a head window.
+        sources: ULIDs of the level-1 blocks merged into this one; empty: the block itself.
+        external_labels: labels of the whole block (shard, replica); recorded in meta.json.
+        ulid: the block's ULID; default a new one for ``now()``.
+        now: the clock (ms) for a new ULID.
+        rows_per_group, compression_level: see ``encode_block``.
+        tmp_dir: directory for the temporary files (default: the system's).
+
+    Returns:
+        The uploaded meta.json's contents.
+
+    Raises:
+        ValueError: invalid arguments or series.
+        BucketError: an upload failed; the block has no meta.json then and stays invisible.
+    """
+    block = ulid if ulid is not None else ulids.new(now())
+    if not ulids.is_valid(block):
+        raise ValueError(f"invalid block ULID {block!r}")
+    for s in sources:
+        if not ulids.is_valid(s):
+            raise ValueError(f"invalid source ULID {s!r}")
+    if level < 1 or resolution < 0:
+        raise ValueError(f"level must be at least 1 and resolution not negative, got {level} and {resolution}")
+    with tempfile.TemporaryFile(dir=tmp_dir) as data_f, tempfile.TemporaryFile(dir=tmp_dir) as index_f:
+        enc = encode_block(series, data_f, index_f, min_time=min_time, max_time=max_time,
+                           rows_per_group=rows_per_group, compression_level=compression_level)
+        meta = BlockMeta(
+            ulid=block, min_time=min_time, max_time=max_time, num_series=enc.num_series,
+            num_samples=enc.num_samples, resolution=resolution, level=level,
+            sources=tuple(sources) or (block,), labels=Labels.from_dict(external_labels or {}),
+            files=(BlockFile(DATA_FILE, enc.data.size, enc.data.sha256),
+                   BlockFile(INDEX_FILE, enc.index.size, enc.index.sha256)))
+        for f, name in ((data_f, DATA_FILE), (index_f, INDEX_FILE)):
+            f.seek(0)
+            bucket.upload(block + DIR_DELIM + name, f)
+    bucket.upload(block + DIR_DELIM + META_FILE, meta.to_json())
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+class _RangeFile(io.RawIOBase):
+    """A read-only file of ``size`` bytes served from prefetched segments.
+
+    Reads that no single segment covers call ``fetch(offset, length)``; the
+    reader prefetches everything pyarrow will ask for, so that is a fallback.
+    """
+
+    def __init__(self, size: int, segments: Iterable[tuple[int, bytes]],
+                 fetch: Callable[[int, int], bytes]) -> None:
+        self._size = size
+        segs = sorted(segments)
+        self._starts = [s for s, _ in segs]
+        self._segs = [d for _, d in segs]
+        self._fetch = fetch
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            self._pos = offset
+        elif whence == io.SEEK_CUR:
+            self._pos += offset
+        else:
+            self._pos = self._size + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def size(self) -> int:
+        return self._size
+
+    def read(self, n: int = -1) -> bytes:
+        pos = self._pos
+        n = self._size - pos if n < 0 else min(n, self._size - pos)
+        if n <= 0:
+            return b""
+        i = bisect.bisect_right(self._starts, pos) - 1
+        if i >= 0 and pos + n <= self._starts[i] + len(self._segs[i]):
+            off = pos - self._starts[i]
+            out = self._segs[i][off:off + n]
+        else:
+            out = self._fetch(pos, n)
+        self._pos = pos + n
+        return out
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+
+@dataclass(slots=True)
+class _Index:
+    labels: list[Labels]
+    postings: MemPostings
+    all_refs: np.ndarray
+    mint: np.ndarray
+    maxt: np.ndarray
+    first_row: np.ndarray
+    num_rows: np.ndarray
+    ids: np.ndarray
+    footer_bytes: int
+    footer_sha256: str
+
+
+@dataclass(slots=True)
+class _Footer:
+    metadata: pq.FileMetaData
+    rg_start: np.ndarray  # first row of each row group, plus the total at the end
+    rg_tmin: np.ndarray
+    rg_tmax: np.ndarray
+    col_range: np.ndarray  # [row group, column (t, v), (offset, length)]
+
+
+def decode_index(data: bytes, context: str) -> _Index:
+    """Decodes an index file (its bytes, already checked against meta.json).
+
+    Raises:
+        UnsupportedBlockVersion, CorruptBlock.
+    """
+    try:
+        pf = pq.ParquetFile(pa.BufferReader(data), page_checksum_verification=True)
+        kv = pf.metadata.metadata or {}
+        _check_version(kv, context)
+        table = pf.read()
+    except BlockError:
+        raise
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise CorruptBlock(f"{context}: does not decode: {err}") from None
+    if not table.schema.equals(INDEX_SCHEMA, check_metadata=False):
+        raise CorruptBlock(f"{context}: unexpected schema {table.schema}")
+    try:
+        footer_bytes = int(kv[KV_FOOTER_BYTES])
+        footer_sha = kv[KV_FOOTER_SHA256].decode()
+    except (KeyError, ValueError) as err:
+        raise CorruptBlock(f"{context}: missing or invalid key {err}") from None
+    cols = {name: table.column(name).to_numpy() for name in ("ref", "id", "mint", "maxt", "first_row", "num_rows")}
+    n = table.num_rows
+    if not np.array_equal(cols["ref"], np.arange(n)):
+        raise CorruptBlock(f"{context}: series refs are not 0..{n - 1}")
+    postings = MemPostings()
+    labels: list[Labels] = []
+    for ref, key in enumerate(table.column("labels").to_pylist()):
+        ls = _parse_labels(key, context)
+        postings.add(ref, ls)
+        labels.append(ls)
+    return _Index(labels=labels, postings=postings, all_refs=np.arange(n, dtype=np.int64),
+                  mint=cols["mint"].astype(np.int64), maxt=cols["maxt"].astype(np.int64),
+                  first_row=cols["first_row"].astype(np.int64), num_rows=cols["num_rows"].astype(np.int64),
+                  ids=cols["id"], footer_bytes=footer_bytes, footer_sha256=footer_sha)
+
+
+def _parse_labels(key: bytes, context: str) -> Labels:
+    parts = key.split(SEP)
+    if len(parts) % 2 != 1 or parts[-1] != b"":
+        raise CorruptBlock(f"{context}: label bytes {key[:80]!r} are not name 0xff value 0xff pairs")
+    try:
+        pairs = [(parts[i].decode(), parts[i + 1].decode()) for i in range(0, len(parts) - 1, 2)]
+    except UnicodeDecodeError:
+        raise CorruptBlock(f"{context}: label bytes {key[:80]!r} are not UTF-8") from None
+    for i in range(1, len(pairs)):
+        if not pairs[i - 1][0] < pairs[i][0]:
+            raise CorruptBlock(f"{context}: label names of {key[:80]!r} are not sorted and unique")
+    return Labels.sorted_unchecked(pairs)
+
+
+def _check_version(kv: Mapping[bytes, bytes], context: str) -> None:
+    version = kv.get(KV_VERSION)
+    if version != str(VERSION).encode():
+        raise UnsupportedBlockVersion(f"{context}: format version {version!r} is not supported "
+                                      f"(this reader knows version {VERSION})")
+
+
+def decode_footer(metadata: pq.FileMetaData, meta: BlockMeta, context: str) -> _Footer:
+    """Checks the data file's Parquet metadata against meta.json and extracts what reads need."""
+    _check_version(metadata.metadata or {}, context)
+    if not metadata.schema.to_arrow_schema().equals(DATA_SCHEMA, check_metadata=False):
+        raise CorruptBlock(f"{context}: unexpected schema {metadata.schema.to_arrow_schema()}")
+    if metadata.num_rows != meta.num_samples:
+        raise CorruptBlock(f"{context}: {metadata.num_rows} rows, meta.json counts {meta.num_samples} samples")
+    n = metadata.num_row_groups
+    rg_start = np.zeros(n + 1, dtype=np.int64)
+    tmin = np.empty(n, dtype=np.int64)
+    tmax = np.empty(n, dtype=np.int64)
+    col_range = np.empty((n, 2, 2), dtype=np.int64)
+    for i in range(n):
+        rg = metadata.row_group(i)
+        rg_start[i + 1] = rg_start[i] + rg.num_rows
+        st = rg.column(1).statistics
+        if st is None or not st.has_min_max:
+            raise CorruptBlock(f"{context}: row group {i} has no statistics of t")
+        tmin[i], tmax[i] = st.min, st.max
+        for j, col in enumerate((1, 2)):
+            c = rg.column(col)
+            start = c.dictionary_page_offset if c.has_dictionary_page else c.data_page_offset
+            col_range[i, j] = (start, c.total_compressed_size)
+    return _Footer(metadata, rg_start, tmin, tmax, col_range)
+
+
+class BlockSeries:
+    """A series of a block selection (``store.storage.Series``); its samples are already read."""
+
+    __slots__ = ("labels", "_ts", "_vs")
+
+    def __init__(self, labels: Labels, ts: np.ndarray, vs: np.ndarray) -> None:
+        self.labels = labels
+        self._ts = ts
+        self._vs = vs
+
+    def samples(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._ts, self._vs
+
+    def chunks(self) -> Iterator[Chunk]:
+        """XOR chunks of up to 120 samples, encoded on the fly (blocks store columns, not chunks)."""
+        ts, vs = self._ts, self._vs
+        for a in range(0, len(ts), MAX_SAMPLES_PER_CHUNK):
+            b = min(a + MAX_SAMPLES_PER_CHUNK, len(ts))
+            yield Chunk(int(ts[a]), int(ts[b - 1]), xorfast.encode(ts[a:b], vs[a:b]))
+
+    def __repr__(self) -> str:
+        return f"BlockSeries({self.labels}, {len(self._ts)} samples)"
+
+
+class BlockReader:
+    """Reads one block from a bucket; implements ``store.storage.Querier``.
+
+    Opening reads ``meta.json`` (raising IncompleteBlock, UnsupportedBlockVersion
+    or CorruptBlock). The index and the data file's footer are read once, on
+    first use, and kept in memory. Thread-safe; a block never changes, so any
+    number of queries may share one reader. Bucket failures propagate as
+    BucketError; bytes that do not check out raise CorruptBlock (TruncatedBlock
+    when a file is shorter than meta.json says).
+    """
+
+    def __init__(self, bucket: Bucket, ulid: str, *, meta: BlockMeta | None = None) -> None:
+        """Args:
+            bucket: the bucket holding the block.
+            ulid: the block's ULID (its directory).
+            meta: its meta.json if already read (e.g. when listing blocks).
+        """
+        if not ulids.is_valid(ulid):
+            raise ValueError(f"invalid block ULID {ulid!r}")
+        self._bucket = bucket
+        self._ulid = ulid
+        self._meta = meta if meta is not None else read_meta(bucket, ulid)
+        self._lock = threading.Lock()
+        self._index: _Index | None = None
+        self._footer: _Footer | None = None
+
+    def __repr__(self) -> str:
+        return f"BlockReader({self._ulid})"
+
+    @property
+    def meta(self) -> BlockMeta:
+        return self._meta
+
+    @property
+    def ulid(self) -> str:
+        return self._ulid
+
+    def _ctx(self, rel_path: str) -> str:
+        return f"block {self._ulid}: {rel_path}"
+
+    def _get_range(self, rel_path: str, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes from ``offset``, as meta.json's size promises them."""
+        try:
+            data = self._bucket.get_range(self._ulid + DIR_DELIM + rel_path, offset, length)
+        except ObjectNotFound:
+            raise CorruptBlock(f"{self._ctx(rel_path)}: listed in meta.json but missing") from None
+        if len(data) != length:
+            raise TruncatedBlock(f"{self._ctx(rel_path)}: {len(data)} bytes at offset {offset} instead of "
+                                 f"{length}; meta.json says the file has {self._meta.file(rel_path).size_bytes}")
+        return data
+
+    def _load_index(self) -> _Index:
+        with self._lock:
+            if self._index is None:
+                f = self._meta.file(INDEX_FILE)
+                try:
+                    data = self._bucket.get(self._ulid + DIR_DELIM + INDEX_FILE)
+                except ObjectNotFound:
+                    raise CorruptBlock(f"{self._ctx(INDEX_FILE)}: listed in meta.json but missing") from None
+                if len(data) < f.size_bytes:
+                    raise TruncatedBlock(f"{self._ctx(INDEX_FILE)}: {len(data)} bytes, meta.json says {f.size_bytes}")
+                if len(data) != f.size_bytes:
+                    raise CorruptBlock(f"{self._ctx(INDEX_FILE)}: {len(data)} bytes, meta.json says {f.size_bytes}")
+                if hashlib.sha256(data).hexdigest() != f.sha256:
+                    raise CorruptBlock(f"{self._ctx(INDEX_FILE)}: SHA-256 differs from meta.json")
+                index = decode_index(data, self._ctx(INDEX_FILE))
+                if len(index.labels) != self._meta.num_series:
+                    raise CorruptBlock(f"{self._ctx(INDEX_FILE)}: {len(index.labels)} series, "
+                                       f"meta.json counts {self._meta.num_series}")
+                self._index = index
+            return self._index
+
+    def _load_footer(self, index: _Index) -> _Footer:
+        with self._lock:
+            if self._footer is None:
+                size = self._meta.file(DATA_FILE).size_bytes
+                if not 12 <= index.footer_bytes <= size:
+                    raise CorruptBlock(f"{self._ctx(INDEX_FILE)}: data footer of {index.footer_bytes} bytes "
+                                       f"does not fit a data file of {size}")
+                n = min(size, max(index.footer_bytes, _FOOTER_READ_SIZE))
+                tail = self._get_range(DATA_FILE, size - n, n)
+                if hashlib.sha256(tail[n - index.footer_bytes:]).hexdigest() != index.footer_sha256:
+                    raise CorruptBlock(f"{self._ctx(DATA_FILE)}: footer SHA-256 differs from the index's")
+                rf = _RangeFile(size, [(size - n, tail)], lambda o, k: self._get_range(DATA_FILE, o, k))
+                try:
+                    md = pq.read_metadata(rf)
+                except BlockError:
+                    raise
+                except (pa.ArrowException, OSError, ValueError) as err:
+                    raise CorruptBlock(f"{self._ctx(DATA_FILE)}: footer does not decode: {err}") from None
+                self._footer = decode_footer(md, self._meta, self._ctx(DATA_FILE))
+            return self._footer
+
+    def _matching(self, index: _Index, matchers: Sequence[Matcher], mint: int, maxt: int) -> np.ndarray:
+        refs = index.postings.select(matchers, index.all_refs)
+        return refs[(index.mint[refs] <= maxt) & (index.maxt[refs] >= mint)]
+
+    def select(self, matchers: Sequence[Matcher], mint: int, maxt: int,
+               hints: SelectHints | None = None) -> list[BlockSeries]:
+        """Series matching all ``matchers`` with samples in ``[mint, maxt]``, sorted by labels.
+
+        Reads only the ``t`` and ``v`` column chunks of the row groups that hold
+        samples of the matching series and whose ``t`` range meets ``[mint, maxt]``.
+        """
+        if mint > self._meta.max_time - 1 or maxt < self._meta.min_time:
+            return []
+        index = self._load_index()
+        refs = self._matching(index, matchers, mint, maxt)
+        if not len(refs):
+            return []
+        footer = self._load_footer(index)
+        starts = index.first_row[refs]
+        ends = starts + index.num_rows[refs]
+        lo = np.searchsorted(footer.rg_start, starts, "right") - 1
+        hi = np.searchsorted(footer.rg_start, ends - 1, "right") - 1
+        wanted = np.zeros(len(footer.rg_tmin), dtype=bool)
+        for a, b in zip(lo.tolist(), hi.tolist()):
+            wanted[a:b + 1] = True
+        wanted &= (footer.rg_tmin <= maxt) & (footer.rg_tmax >= mint)
+        groups = np.flatnonzero(wanted)
+        if not len(groups):
+            return []
+        ts, vs = self._read_groups(footer, groups)
+        pos = np.full(len(footer.rg_tmin), -1, dtype=np.int64)  # row group -> offset in ts/vs
+        pos[groups] = np.concatenate(([0], np.cumsum(np.diff(footer.rg_start)[groups])[:-1]))
+        out: list[BlockSeries] = []
+        rg_start = footer.rg_start
+        for k, ref in enumerate(refs.tolist()):
+            s, e = int(starts[k]), int(ends[k])
+            pieces_t, pieces_v = [], []
+            for g in range(int(lo[k]), int(hi[k]) + 1):
+                p = pos[g]
+                if p < 0:
+                    continue
+                a = max(s, int(rg_start[g])) - int(rg_start[g]) + p
+                b = min(e, int(rg_start[g + 1])) - int(rg_start[g]) + p
+                pieces_t.append(ts[a:b])
+                pieces_v.append(vs[a:b])
+            if not pieces_t:
+                continue
+            st = pieces_t[0] if len(pieces_t) == 1 else np.concatenate(pieces_t)
+            sv = pieces_v[0] if len(pieces_v) == 1 else np.concatenate(pieces_v)
+            i, j = np.searchsorted(st, mint, "left"), np.searchsorted(st, maxt, "right")
+            if i < j:
+                out.append(BlockSeries(index.labels[ref], st[i:j].copy(), sv[i:j].copy()))
+        return out
+
+    def _read_groups(self, footer: _Footer, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Decoded ``t`` and ``v`` of the given row groups, concatenated in order."""
+        ranges = sorted((int(o), int(n)) for o, n in footer.col_range[groups].reshape(-1, 2))
+        segments: list[tuple[int, bytes]] = []
+        cur_start, cur_end = ranges[0][0], ranges[0][0] + ranges[0][1]
+        for o, n in ranges[1:]:
+            if o - cur_end <= _COALESCE_GAP:
+                cur_end = max(cur_end, o + n)
+            else:
+                segments.append((cur_start, self._get_range(DATA_FILE, cur_start, cur_end - cur_start)))
+                cur_start, cur_end = o, o + n
+        segments.append((cur_start, self._get_range(DATA_FILE, cur_start, cur_end - cur_start)))
+        size = self._meta.file(DATA_FILE).size_bytes
+        rf = _RangeFile(size, segments, lambda o, k: self._get_range(DATA_FILE, o, k))
+        try:
+            pf = pq.ParquetFile(rf, metadata=footer.metadata, page_checksum_verification=True, pre_buffer=False)
+            table = pf.read_row_groups(groups.tolist(), columns=["t", "v"], use_threads=False)
+        except BlockError:
+            raise
+        except (pa.ArrowException, OSError, ValueError) as err:
+            raise CorruptBlock(f"{self._ctx(DATA_FILE)}: row groups {groups.tolist()[:10]} do not decode: {err}") from None
+        return (table.column("t").to_numpy().astype(np.int64, copy=False),
+                table.column("v").to_numpy().astype(np.float64, copy=False))
+
+    def label_names(self, matchers: Sequence[Matcher] = (), mint: int = _MIN_INT64,
+                    maxt: int = _MAX_INT64) -> list[str]:
+        """Sorted label names of the series matching ``matchers`` with samples in ``[mint, maxt]``."""
+        index = self._load_index()
+        refs = self._matching(index, matchers, mint, maxt)
+        if not matchers and len(refs) == len(index.labels):
+            return index.postings.label_names()
+        return sorted({n for r in refs.tolist() for n, _ in index.labels[r]})
+
+    def label_values(self, name: str, matchers: Sequence[Matcher] = (), mint: int = _MIN_INT64,
+                     maxt: int = _MAX_INT64) -> list[str]:
+        """Sorted values of label ``name`` among the series matching ``matchers`` in ``[mint, maxt]``."""
+        index = self._load_index()
+        refs = self._matching(index, matchers, mint, maxt)
+        if not matchers and len(refs) == len(index.labels):
+            return index.postings.label_values(name)
+        values = {index.labels[r].get(name) for r in refs.tolist()}
+        values.discard("")
+        return sorted(values)
+
+    def close(self) -> None:
+        """Drops the cached index and footer; the bucket belongs to the caller."""
+        with self._lock:
+            self._index = None
+            self._footer = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification
+
+
+def verify_block(bucket: Bucket, ulid: str, *, tmp_dir: str | None = None) -> BlockMeta:
+    """Checks a whole block: every file's size and SHA-256, and that all of it decodes consistently.
+
+    Beyond what a reader checks, it decodes every row of the data file and
+    checks that rows are sorted by series then time, that each series' rows are
+    where the index says with the first and last timestamps it records, that
+    every sample is inside ``[minTime, maxTime)``, that labels are sorted and
+    unique and that series ids are ``Labels.hash()``. The data file is streamed
+    to a temporary file in ``tmp_dir``.
+
+    Returns:
+        The block's meta.json.
+
+    Raises:
+        IncompleteBlock, UnsupportedBlockVersion, CorruptBlock (TruncatedBlock), BucketError.
+    """
+    meta = read_meta(bucket, ulid)
+    reader = BlockReader(bucket, ulid, meta=meta)
+    for f in meta.files:
+        name = ulid + DIR_DELIM + f.rel_path
+        try:
+            size = bucket.attributes(name).size
+        except ObjectNotFound:
+            raise CorruptBlock(f"block {ulid}: {f.rel_path}: listed in meta.json but missing") from None
+        if size < f.size_bytes:
+            raise TruncatedBlock(f"block {ulid}: {f.rel_path}: {size} bytes, meta.json says {f.size_bytes}")
+        if size != f.size_bytes:
+            raise CorruptBlock(f"block {ulid}: {f.rel_path}: {size} bytes, meta.json says {f.size_bytes}")
+    index = reader._load_index()
+    data = meta.file(DATA_FILE)
+    with tempfile.TemporaryFile(dir=tmp_dir) as tmp:
+        digest = hashlib.sha256()
+        for off in range(0, data.size_bytes, _DOWNLOAD_CHUNK):
+            chunk = reader._get_range(DATA_FILE, off, min(_DOWNLOAD_CHUNK, data.size_bytes - off))
+            digest.update(chunk)
+            tmp.write(chunk)
+        if digest.hexdigest() != data.sha256:
+            raise CorruptBlock(f"block {ulid}: {DATA_FILE}: SHA-256 differs from meta.json")
+        footer = reader._load_footer(index)
+        tmp.seek(0)
+        _verify_rows(pa.PythonFile(tmp, mode="r"), meta, index, footer, f"block {ulid}: {DATA_FILE}")
+    return meta
+
+
+def _verify_rows(source, meta: BlockMeta, index: _Index, footer: _Footer, context: str) -> None:
+    for i in range(1, len(index.labels)):
+        if not index.labels[i - 1] < index.labels[i]:
+            raise CorruptBlock(f"{context}: series {i} {index.labels[i]} is not after {index.labels[i - 1]}")
+    for ref, ls in enumerate(index.labels):
+        if int(index.ids[ref]) != ls.hash():
+            raise CorruptBlock(f"{context}: series {ref} {ls}: id {index.ids[ref]} is not its labels' hash")
+    expected_first = np.concatenate(([0], np.cumsum(index.num_rows)[:-1])) if len(index.labels) else index.first_row
+    if not np.array_equal(index.first_row, expected_first) or (index.num_rows <= 0).any():
+        raise CorruptBlock(f"{context}: the index's row ranges do not tile the data file")
+    if int(index.num_rows.sum()) != meta.num_samples:
+        raise CorruptBlock(f"{context}: the index counts {int(index.num_rows.sum())} samples, "
+                           f"meta.json {meta.num_samples}")
+    try:
+        pf = pq.ParquetFile(source, metadata=footer.metadata, page_checksum_verification=True)
+        last_ref, last_t = -1, 0
+        for g in range(pf.num_row_groups):
+            table = pf.read_row_group(g)
+            refs = table.column("ref").to_numpy().astype(np.int64)
+            ts = table.column("t").to_numpy()
+            a = int(footer.rg_start[g])
+            rows = np.arange(a, a + len(refs))
+            want = np.searchsorted(index.first_row, rows, "right") - 1
+            if not np.array_equal(refs, want):
+                raise CorruptBlock(f"{context}: row group {g}: series refs differ from the index's row ranges")
+            if len(ts) and (ts.min() < meta.min_time or ts.max() >= meta.max_time):
+                raise CorruptBlock(f"{context}: row group {g}: samples outside [{meta.min_time}, {meta.max_time})")
+            if len(ts) and (int(ts.min()) != footer.rg_tmin[g] or int(ts.max()) != footer.rg_tmax[g]):
+                raise CorruptBlock(f"{context}: row group {g}: statistics of t differ from its samples")
+            r = np.concatenate(([last_ref], refs))
+            t = np.concatenate(([last_t], ts))
+            same = r[1:] == r[:-1]
+            if (same & ~(t[1:] > t[:-1])).any():
+                raise CorruptBlock(f"{context}: row group {g}: timestamps of a series not strictly increasing")
+            for col, rows_of in (("mint", index.first_row), ("maxt", index.first_row + index.num_rows - 1)):
+                inside = np.flatnonzero((rows_of >= a) & (rows_of < a + len(refs)))
+                if not np.array_equal(ts[rows_of[inside] - a], getattr(index, col)[inside]):
+                    raise CorruptBlock(f"{context}: row group {g}: the index's {col} differs from the samples")
+            if len(refs):
+                last_ref, last_t = int(refs[-1]), int(ts[-1])
+    except BlockError:
+        raise
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise CorruptBlock(f"{context}: does not decode: {err}") from None
