@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
 
+import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from adapter.remote_read import RemoteReadHandler
 from adapter.remote_write import RemoteWriteHandler
 from flashback.config import Options
-from querier.api import QueryAPI
+from querier.api import QueryAPI, ServerInfo
 from querier.engine import Engine
 from store.db import DB
 from store.httpserver import HTTPServer, Request, Response, Router
@@ -36,7 +38,12 @@ class App:
                         timeout_s=options.query.timeout_s,
                         # Prometheus 3's server default (the promql-delayed-name-removal flag off).
                         delayed_name_removal=False)
-        router.include(QueryAPI(lambda: self.db.head, engine, time.time).router())
+        info = ServerInfo(config_yaml=yaml.safe_dump(dataclasses.asdict(options), sort_keys=False),
+                          flags={"listen": f"{options.listen_host}:{options.listen_port}",
+                                 "data-dir": options.data_dir},
+                          start_time=time.time(), cwd=os.getcwd(),
+                          tsdb_stats=lambda limit: self.db.head.tsdb_stats(limit))
+        router.include(QueryAPI(lambda: self.db.head, engine, time.time, info).router())
         router.route("/metrics", self._metrics, name="metrics")
         router.route("/-/healthy", lambda _: Response(200, b"Flashback is Healthy.\n"), ("GET", "HEAD"),
                      name="healthy")

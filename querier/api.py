@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import threading
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
 import numpy as np
 import promql_parser as pp
 
+from querier import astjson
 from querier.aggregations import format_value
 from querier.engine import Engine, parse, selector_matchers
 from querier.errors import QueryError
@@ -159,19 +163,44 @@ def _error_response(error_type: str, message: str) -> Response:
     return Response(_STATUS.get(error_type, 500), body.encode(), "application/json")
 
 
+@dataclass
+class ServerInfo:
+    """What the status endpoints report about the running server (given by the wiring).
+
+    ``tsdb_stats(limit)`` returns the ``data`` of ``/api/v1/status/tsdb`` (Prometheus' shape:
+    ``headStats`` and the top-``limit`` cardinality lists); ``flags`` are the command-line flags
+    and ``config_yaml`` the effective configuration.
+    """
+
+    config_yaml: str = ""
+    flags: dict[str, str] = field(default_factory=dict)
+    start_time: float = 0.0
+    storage_retention: str = ""
+    cwd: str = ""
+    tsdb_stats: Callable[[int], dict] | None = None
+
+
 class QueryAPI:
-    """Serves ``/api/v1/query``, ``query_range``, ``series``, ``labels``, ``label/<name>/values``, ``status/buildinfo``.
+    """Serves Prometheus' HTTP query API under ``/api/v1/``.
+
+    Queries (``query``, ``query_range``, ``format_query``, ``parse_query``), metadata
+    (``series``, ``labels``, ``label/<name>/values``, ``metadata``, ``query_exemplars``),
+    ``rules`` and ``alerts`` (empty: Flashback evaluates no rules) and
+    ``status/buildinfo|config|flags|runtimeinfo|tsdb``.
 
     Args:
         querier_factory: returns the ``Querier`` a request reads from (called once per request).
         engine: evaluates PromQL.
         now: the clock, seconds since the epoch (default ``time`` of instant queries).
+        info: what the status endpoints report.
     """
 
-    def __init__(self, querier_factory: Callable[[], Querier], engine: Engine, now: Callable[[], float]) -> None:
+    def __init__(self, querier_factory: Callable[[], Querier], engine: Engine, now: Callable[[], float],
+                 info: ServerInfo | None = None) -> None:
         self._querier_factory = querier_factory
         self._engine = engine
         self._now = now
+        self._info = info or ServerInfo(start_time=now())
 
     def router(self) -> Router:
         r = Router()
@@ -182,6 +211,17 @@ class QueryAPI:
         r.route("/api/v1/labels", self._wrap(self.labels), both, name="labels", max_body=1 << 20)
         r.route("/api/v1/label/", self._wrap(self.label_values), ("GET",), name="label_values", prefix=True)
         r.route("/api/v1/status/buildinfo", self._wrap(self.buildinfo), ("GET",), name="buildinfo")
+        r.route("/api/v1/status/config", self._wrap(self.config), ("GET",), name="config")
+        r.route("/api/v1/status/flags", self._wrap(self.flags), ("GET",), name="flags")
+        r.route("/api/v1/status/runtimeinfo", self._wrap(self.runtimeinfo), ("GET",), name="runtimeinfo")
+        r.route("/api/v1/status/tsdb", self._wrap(self.tsdb), ("GET",), name="tsdb")
+        r.route("/api/v1/format_query", self._wrap(self.format_query), both, name="format_query", max_body=1 << 20)
+        r.route("/api/v1/parse_query", self._wrap(self.parse_query), both, name="parse_query", max_body=1 << 20)
+        r.route("/api/v1/metadata", self._wrap(self.metadata), ("GET",), name="metadata")
+        r.route("/api/v1/query_exemplars", self._wrap(self.query_exemplars), both, name="query_exemplars",
+                max_body=1 << 20)
+        r.route("/api/v1/rules", self._wrap(self.rules), ("GET",), name="rules")
+        r.route("/api/v1/alerts", self._wrap(self.alerts), ("GET",), name="alerts")
         return r
 
     def _wrap(self, fn: Callable[[Request], Response]) -> Callable[[Request], Response]:
@@ -240,7 +280,8 @@ class QueryAPI:
             parse(expr)
         except QueryError as e:
             raise _bad("query", str(e)) from None
-        res = self._engine.instant(self._querier_factory(), expr, t, timeout_s=timeout, lookback_delta_ms=lookback)
+        res = self._engine.instant(self._querier_factory(), expr, t, timeout_s=timeout, lookback_delta_ms=lookback,
+                                   cancelled=req.disconnected)
         return _success(result_json(res), res.warnings, res.infos)
 
     def query_range(self, req: Request) -> Response:
@@ -274,7 +315,7 @@ class QueryAPI:
             kind = "range vector" if isinstance(_unparen(ast), pp.MatrixSelector) else "string"
             raise _bad("query", f'invalid expression type "{kind}" for range query, must be Scalar or instant Vector')
         res = self._engine.range(self._querier_factory(), expr, start, end, step, timeout_s=timeout,
-                                 lookback_delta_ms=lookback)
+                                 lookback_delta_ms=lookback, cancelled=req.disconnected)
         return _success(result_json(res), res.warnings, res.infos)
 
     def _matcher_sets(self, form) -> list[list[Matcher]]:
@@ -367,6 +408,75 @@ class QueryAPI:
         info = {"version": VERSION, "revision": "", "branch": "", "buildUser": "", "buildDate": "",
                 "goVersion": "flashback (python)"}
         return _success(json.dumps(info))
+
+    def config(self, req: Request) -> Response:
+        return _success(json.dumps({"yaml": self._info.config_yaml}))
+
+    def flags(self, req: Request) -> Response:
+        return _success(json.dumps(self._info.flags))
+
+    def runtimeinfo(self, req: Request) -> Response:
+        started = datetime.fromtimestamp(self._info.start_time, timezone.utc)
+        info = {"startTime": started.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                "CWD": self._info.cwd, "reloadConfigSuccess": True,
+                "lastConfigTime": started.isoformat(timespec="seconds").replace("+00:00", "Z"),
+                "corruptionCount": 0, "goroutineCount": threading.active_count(), "GOMAXPROCS": os.cpu_count() or 1,
+                "GOMEMLIMIT": 0, "GOGC": "", "GODEBUG": "", "storageRetention": self._info.storage_retention}
+        return _success(json.dumps(info))
+
+    def tsdb(self, req: Request) -> Response:
+        form = req.form()
+        limit = 10
+        if self._param(form, "limit"):
+            try:
+                limit = int(self._param(form, "limit"))
+            except ValueError:
+                limit = 0
+            if limit <= 0:
+                raise ApiError("bad_data", "limit must be a positive number")
+        if self._info.tsdb_stats is None:
+            raise ApiError("unavailable", "TSDB status is not available on this server")
+        return _success(json.dumps(self._info.tsdb_stats(limit), ensure_ascii=False))
+
+    def format_query(self, req: Request) -> Response:
+        expr = self._param(req.form(), "query")
+        try:
+            ast = parse(expr)
+        except QueryError as e:
+            raise _bad("query", str(e)) from None
+        return _success(json.dumps(ast.prettify(), ensure_ascii=False))
+
+    def parse_query(self, req: Request) -> Response:
+        expr = self._param(req.form(), "query")
+        try:
+            ast = parse(expr)
+        except QueryError as e:
+            raise _bad("query", str(e)) from None
+        return _success(json.dumps(astjson.translate(ast), ensure_ascii=False))
+
+    def metadata(self, req: Request) -> Response:
+        # Remote write 1.0 metadata is not stored yet: no metric has any.
+        form = req.form()
+        self._limit(form)
+        return _success("{}")
+
+    def query_exemplars(self, req: Request) -> Response:
+        # Exemplars are not stored yet; the parameters are still checked as Prometheus does.
+        form = req.form()
+        try:
+            parse(self._param(form, "query"))
+        except QueryError as e:
+            raise _bad("query", str(e)) from None
+        start, end = self._range(form)
+        if end < start:
+            raise ApiError("bad_data", "end timestamp must not be before start time")
+        return _success("[]")
+
+    def rules(self, req: Request) -> Response:
+        return _success('{"groups":[]}')
+
+    def alerts(self, req: Request) -> Response:
+        return _success('{"alerts":[]}')
 
 
 def _unparen(ast):

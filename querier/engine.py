@@ -23,12 +23,13 @@ import dataclasses
 import datetime
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import promql_parser as pp
 
 from querier import aggregations, binops, functions
-from querier.errors import ExecutionError, ParseError, QueryTimeout, TooManySamples, Unsupported
+from querier.errors import QueryCanceled, ExecutionError, ParseError, QueryTimeout, TooManySamples, Unsupported
 from querier.values import (DropNameLabels, RangeSeries, RangeVector, Result, Sample, Scalar, String, Value,
                             Vector, finish_name, is_stale, mark_drop_name, window_indices)
 from store.labels import METRIC_NAME, Labels
@@ -88,6 +89,7 @@ class EvalContext:
     max_samples: int
     subquery_step: int
     delayed_name_removal: bool = True
+    cancelled: Callable[[], bool] | None = None  # e.g. the client has gone away
     samples: int = 0
     warnings: list[str] = field(default_factory=list)
     infos: list[str] = field(default_factory=list)
@@ -105,6 +107,8 @@ class EvalContext:
     def check(self) -> None:
         if time.monotonic() > self.deadline:
             raise QueryTimeout("query timed out in expression evaluation")
+        if self.cancelled is not None and self.cancelled():
+            raise QueryCanceled("query was canceled in expression evaluation")
 
     def account(self, n: int) -> None:
         """Counts ``n`` samples held in memory against ``max_samples``."""
@@ -143,10 +147,11 @@ class Engine:
         self.delayed_name_removal = delayed_name_removal
 
     def instant(self, querier: Querier, expr: str, t_ms: int, *, timeout_s: float | None = None,
-                lookback_delta_ms: int | None = None) -> Result:
+                lookback_delta_ms: int | None = None, cancelled: Callable[[], bool] | None = None) -> Result:
         """Evaluates ``expr`` at ``t_ms``: a vector, scalar, string or (for a range selector) matrix."""
         ast = parse(expr)
         ctx = self._context(querier, np.array([t_ms], dtype=np.int64), t_ms, t_ms, 0, timeout_s, lookback_delta_ms)
+        ctx.cancelled = cancelled
         val = finish_names(evaluate(ast, ctx))
         if isinstance(val, Scalar):
             return Result("scalar", (t_ms, float(val.values[0])), ctx.warnings, ctx.infos)
@@ -173,7 +178,8 @@ class Engine:
         return Result("vector", [Sample(val.labels[i], t_ms, float(val.values[i, 0])) for i in rows], ctx.warnings, ctx.infos)
 
     def range(self, querier: Querier, expr: str, start_ms: int, end_ms: int, step_ms: int, *,
-              timeout_s: float | None = None, lookback_delta_ms: int | None = None) -> Result:
+              timeout_s: float | None = None, lookback_delta_ms: int | None = None,
+              cancelled: Callable[[], bool] | None = None) -> Result:
         """Evaluates ``expr`` at ``start_ms, start_ms + step_ms, ... <= end_ms``; always a matrix."""
         if step_ms <= 0:
             raise ExecutionError("zero or negative query resolution step widths are not accepted. Try a positive integer")
@@ -182,6 +188,7 @@ class Engine:
         ast = parse(expr)
         steps = np.arange(start_ms, end_ms + 1, step_ms, dtype=np.int64)
         ctx = self._context(querier, steps, start_ms, end_ms, step_ms, timeout_s, lookback_delta_ms)
+        ctx.cancelled = cancelled
         val = finish_names(evaluate(ast, ctx))
         if isinstance(val, RangeVector):
             raise ExecutionError('invalid expression type "range vector" for range query, must be Scalar or instant Vector')

@@ -144,6 +144,27 @@ class Head:
     def num_series(self) -> int:
         return len(self._labels)
 
+    def tsdb_stats(self, limit: int = 10) -> dict:
+        """The ``data`` of Prometheus' ``/api/v1/status/tsdb`` for this head."""
+        st = self._postings.stats(limit)
+        with self._lock:
+            n = len(self._labels)
+            mints = self._s_mint[:n]
+            mints = mints[mints != INT64_MIN]
+            min_t = int(mints.min()) if len(mints) else 0
+            max_t = self._max_t if n else 0
+            chunks = self._n_chunks + int(np.count_nonzero(self._open_n[:n]))
+
+        def named(items: list[tuple[str, int]]) -> list[dict]:
+            return [{"name": k, "value": v} for k, v in items]
+
+        return {"headStats": {"numSeries": n, "numLabelPairs": st["num_pairs"][0][1], "chunkCount": chunks,
+                              "minTime": min_t, "maxTime": max_t},
+                "seriesCountByMetricName": named(st["series_by_metric"]),
+                "labelValueCountByLabelName": named(st["values_by_name"]),
+                "memoryInBytesByLabelName": named(st["bytes_by_name"]),
+                "seriesCountByLabelValuePair": named(st["series_by_pair"])}
+
     @property
     def max_time(self) -> int:
         """Newest sample timestamp (ms), or the minimum int64 when empty."""

@@ -53,6 +53,27 @@ class MemPostings:
                         if not self._index[name]:
                             del self._index[name]
 
+    def stats(self, limit: int) -> dict[str, list[tuple[str, int]]]:
+        """Cardinality, as Prometheus' ``/api/v1/status/tsdb`` reports it: the ``limit`` largest
+        entries of each list, by count descending then name.
+
+        ``series_by_metric``: series per ``__name__`` value; ``values_by_name``: distinct values per
+        label name; ``bytes_by_name``: summed length of a name's distinct values; ``series_by_pair``:
+        series per ``name=value`` pair; ``num_pairs``: distinct pairs in all.
+        """
+        with self._lock:
+            by_metric = [(v, len(refs)) for v, refs in self._index.get("__name__", {}).items()]
+            values = [(n, len(vs)) for n, vs in self._index.items()]
+            size = [(n, sum(len(v.encode()) for v in vs)) for n, vs in self._index.items()]
+            pairs = [(f"{n}={v}", len(refs)) for n, vs in self._index.items() for v, refs in vs.items()]
+
+        def top(items: list[tuple[str, int]]) -> list[tuple[str, int]]:
+            items.sort(key=lambda kv: (-kv[1], kv[0]))
+            return items[:limit]
+
+        return {"num_pairs": [("", len(pairs))], "series_by_metric": top(by_metric), "values_by_name": top(values),
+                "bytes_by_name": top(size), "series_by_pair": top(pairs)}
+
     def label_names(self) -> list[str]:
         with self._lock:
             return sorted(self._index)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from querier import api as api_mod
-from querier.api import QueryAPI, format_timestamp, parse_duration, parse_time
+from querier.api import QueryAPI, ServerInfo, format_timestamp, parse_duration, parse_time
 from querier.aggregations import format_value
 from querier.engine import Engine
 from store.httpserver import Request
@@ -175,3 +175,70 @@ def test_bulk_json_formatting_equals_the_per_point_formatting(points):
     assert api_mod.values_json(vals) == [format_value(v) for v in vals.tolist()]
     ms = np.abs(ts) // 1000 * 1000  # whole seconds: the split fast path
     assert api_mod.timestamps_json(ms) == [api_mod.format_timestamp(t) for t in ms.tolist()]
+
+
+def test_rules_alerts_metadata_exemplars_are_empty_but_checked(api):
+    assert call(api, "/api/v1/rules") == (200, {"status": "success", "data": {"groups": []}})
+    assert call(api, "/api/v1/alerts") == (200, {"status": "success", "data": {"alerts": []}})
+    assert call(api, "/api/v1/metadata") == (200, {"status": "success", "data": {}})
+    assert call(api, "/api/v1/query_exemplars", [("query", "up")]) == (200, {"status": "success", "data": []})
+    status, body = call(api, "/api/v1/query_exemplars", [("query", "up{")])
+    assert status == 400 and body["errorType"] == "bad_data" and "parse error" in body["error"]
+    status, body = call(api, "/api/v1/query_exemplars", [("query", "up"), ("start", "10"), ("end", "5")])
+    assert status == 400 and body["error"] == "end timestamp must not be before start time"
+
+
+def test_format_query(api):
+    status, body = call(api, "/api/v1/format_query", [("query", "sum(rate(x{a='b'}[5m]))by(job)")])
+    assert (status, body["data"]) == (200, 'sum by (job) (rate(x{a="b"}[5m]))')
+    status, body = call(api, "/api/v1/format_query", [("query", "sum(")], method="POST")
+    assert status == 400 and body["error"].startswith('invalid parameter "query": parse error')
+
+
+def test_parse_query_tree_has_prometheus_shape(api):
+    status, body = call(api, "/api/v1/parse_query", [("query", 'rate(x{a="b"}[5m] offset 1m) > bool on(a) y @ end()')])
+    assert status == 200
+    assert body["data"] == {
+        "type": "binaryExpr", "op": ">", "bool": True,
+        "matching": {"card": "one-to-one", "labels": ["a"], "on": True, "include": []},
+        "lhs": {"type": "call",
+                "func": {"name": "rate", "argTypes": ["matrix"], "variadic": 0, "returnType": "vector"},
+                "args": [{"type": "matrixSelector", "name": "x", "range": 300000, "offset": 60000,
+                          "matchers": [{"name": "a", "value": "b", "type": "="},
+                                       {"name": "__name__", "value": "x", "type": "="}],
+                          "timestamp": None, "startOrEnd": None}]},
+        "rhs": {"type": "vectorSelector", "name": "y", "offset": 0,
+                "matchers": [{"name": "__name__", "value": "y", "type": "="}],
+                "timestamp": None, "startOrEnd": "end"},
+    }
+    _, body = call(api, "/api/v1/parse_query", [("query", "topk(2, -x) + 1.5")])
+    tree = body["data"]
+    assert tree["matching"] is None and tree["rhs"] == {"type": "numberLiteral", "val": "1.5"}
+    assert tree["lhs"]["type"] == "aggregation" and tree["lhs"]["param"] == {"type": "numberLiteral", "val": "2"}
+    assert tree["lhs"]["expr"]["type"] == "unaryExpr" and tree["lhs"]["grouping"] == [] and not tree["lhs"]["without"]
+
+
+def test_status_endpoints():
+    stats = {"headStats": {"numSeries": 3}}
+    info = ServerInfo(config_yaml="a: 1\n", flags={"listen": "127.0.0.1:9201"}, start_time=1_700_000_000.0,
+                      tsdb_stats=lambda limit: dict(stats, limit=limit))
+    router = QueryAPI(lambda: FakeQuerier(), Engine(), lambda: NOW, info).router()
+    assert call(router, "/api/v1/status/config")[1]["data"] == {"yaml": "a: 1\n"}
+    assert call(router, "/api/v1/status/flags")[1]["data"] == {"listen": "127.0.0.1:9201"}
+    rt = call(router, "/api/v1/status/runtimeinfo")[1]["data"]
+    assert rt["startTime"] == "2023-11-14T22:13:20.000Z" and rt["reloadConfigSuccess"] is True
+    assert call(router, "/api/v1/status/tsdb")[1]["data"] == {"headStats": {"numSeries": 3}, "limit": 10}
+    assert call(router, "/api/v1/status/tsdb", [("limit", "3")])[1]["data"]["limit"] == 3
+    status, body = call(router, "/api/v1/status/tsdb", [("limit", "0")])
+    assert status == 400 and body["error"] == "limit must be a positive number"
+
+
+def test_a_query_stops_when_the_client_goes_away():
+    q = FakeQuerier()
+    q.add(Labels.from_dict({"__name__": "a"}), [0], [1])
+    router = QueryAPI(lambda: q, Engine(), lambda: 0.0).router()
+    route, _ = router.match("/api/v1/query")
+    req = Request("GET", "/api/v1/query", {"query": ["sum(a) + a"], "time": ["0"]}, {}, b"", {}, lambda: True)
+    resp = route.handler(req)
+    body = json.loads(resp.body)
+    assert resp.status == 499 and body["errorType"] == "canceled"

@@ -184,3 +184,21 @@ def test_checkpoint_round_trip():
     # The restored head keeps enforcing ordering.
     res = _append(restored, [({"__name__": "a", "i": "0"}, [(5, 1.0)])])
     assert res.rejected["out_of_order"][0] == 1
+
+
+def test_tsdb_stats_count_series_pairs_and_chunks():
+    head = Head()
+    assert head.tsdb_stats()["headStats"] == {"numSeries": 0, "numLabelPairs": 0, "chunkCount": 0,
+                                              "minTime": 0, "maxTime": 0}
+    _append(head, [([("__name__", "up"), ("job", "a")], [(NOW - 1000, 1.0), (NOW, 1.0)]),
+                   ([("__name__", "up"), ("job", "bb")], [(NOW, 1.0)]),
+                   ([("__name__", "go"), ("job", "a")], [(NOW - 2000, 1.0)])])
+    st = head.tsdb_stats(limit=2)
+    # Pairs: __name__=up, __name__=go, job=a, job=bb. One open chunk per series.
+    assert st["headStats"] == {"numSeries": 3, "numLabelPairs": 4, "chunkCount": 3,
+                               "minTime": NOW - 2000, "maxTime": NOW}
+    assert st["seriesCountByMetricName"] == [{"name": "up", "value": 2}, {"name": "go", "value": 1}]
+    assert st["labelValueCountByLabelName"] == [{"name": "__name__", "value": 2}, {"name": "job", "value": 2}]
+    # Bytes of distinct values: __name__ "up"+"go" = 4, job "a"+"bb" = 3.
+    assert st["memoryInBytesByLabelName"] == [{"name": "__name__", "value": 4}, {"name": "job", "value": 3}]
+    assert st["seriesCountByLabelValuePair"] == [{"name": "__name__=up", "value": 2}, {"name": "job=a", "value": 2}]
