@@ -31,6 +31,8 @@ from store.wal import Log, RocksLog
 
 log = logging.getLogger(__name__)
 
+INT64_MIN = -(2**63)
+
 RECORD_VERSION = 1
 
 
@@ -51,6 +53,8 @@ def decode_record(record: bytes) -> tuple[int, bytes]:
 class DBOptions:
     head: HeadOptions = field(default_factory=HeadOptions)
     checkpoint_interval_s: float = 300.0
+    # Persisted data stays in the head until it is this old (the head's "28 h").
+    retention_ms: int = 28 * 3600_000
 
 
 class DB:
@@ -71,6 +75,8 @@ class DB:
         self._checkpointed = self._applied
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._persisted_through = INT64_MIN  # every sample before this is in the bucket
+        self._truncated_before = INT64_MIN
 
     @classmethod
     def open(cls, directory: str, options: DBOptions = DBOptions(),
@@ -108,16 +114,35 @@ class DB:
         self.wal.wait_durable(seq)
         return result
 
-    def checkpoint(self) -> int:
+    def checkpoint(self, force: bool = False) -> int:
         """Checkpoints the head at the last applied record and truncates the log; returns that sequence."""
         with self._apply_lock:
             seq = self._applied
             items = self.head.checkpoint_items()
-        if seq == self._checkpointed:
+        if seq == self._checkpointed and not force:
             return seq
         self.wal.save_checkpoint(seq, items)
         self._checkpointed = seq
         return seq
+
+    def persisted(self, through_ms: int) -> None:
+        """Every sample before ``through_ms`` is in the bucket: the head rejects older appends from
+        now on and drops that data once it is older than ``retention_ms`` (``truncate_expired``)."""
+        self.head.set_min_valid_time(through_ms)
+        self._persisted_through = max(self._persisted_through, through_ms)
+
+    def truncate_expired(self) -> int:
+        """Drops persisted head data older than the retention, then checkpoints so that a restart
+        does not replay it; returns the number of series removed."""
+        before = min(self._persisted_through, int(self._now() * 1000) - self.options.retention_ms)
+        if before <= self._truncated_before:
+            return 0
+        with self._apply_lock:
+            removed = self.head.truncate(before)
+        self._truncated_before = before
+        self.checkpoint(force=True)
+        log.info("head truncated", extra={"before_ms": before, "series_removed": removed})
+        return removed
 
     def start(self) -> None:
         """Starts periodic checkpoints."""
@@ -127,6 +152,7 @@ class DB:
     def _run(self) -> None:
         while not self._stop.wait(self.options.checkpoint_interval_s):
             try:
+                self.truncate_expired()
                 seq = self.checkpoint()
                 log.info("checkpoint written", extra={"seq": seq})
             except Exception:

@@ -95,6 +95,7 @@ class Head:
         self._labels: list[Labels] = []
         self._postings = MemPostings()
         self._max_t = INT64_MIN
+        self._min_valid = INT64_MIN  # appends older than this are out of bounds (persisted windows)
         n = 1024
         # Series table (power-of-two size, at most half full).
         self._t_hash = np.zeros(2 * n, dtype=np.uint64)
@@ -289,6 +290,7 @@ class Head:
         status = np.empty(n, dtype=np.int8)
         o = self.options
         min_valid = INT64_MIN if self._max_t == INT64_MIN else self._max_t - o.out_of_bounds_window_ms
+        min_valid = max(min_valid, self._min_valid)
         max_valid = now_ms + o.max_ahead_ms
         i = 0
         while True:
@@ -370,6 +372,60 @@ class Head:
     def _overlaps(self, mint: int, maxt: int) -> bool:
         n = len(self._labels)
         return n > 0 and int(self._s_mint[:n].min()) <= maxt and self._max_t >= mint
+
+    # ---- persisted windows -------------------------------------------------
+
+    @property
+    def min_valid_time(self) -> int:
+        """Appends older than this (ms) are rejected as out of bounds."""
+        return self._min_valid
+
+    def set_min_valid_time(self, t_ms: int) -> None:
+        """Rejects appends older than ``t_ms`` from now on (a window up to it is in the bucket).
+
+        Only moves forward, like Prometheus' ``minValidTime`` after a block is written.
+        """
+        with self._lock:
+            self._min_valid = max(self._min_valid, t_ms)
+
+    def truncate(self, before_ms: int) -> int:
+        """Drops the samples older than ``before_ms`` that whole chunks hold, and the series left
+        without samples; returns the number of series removed.
+
+        Cut chunks whose newest sample is older than ``before_ms`` go; a chunk straddling it stays
+        whole (queries clip by time anyway). The head is rebuilt under its lock, so appends and
+        selects wait for it (proportional to the head's size; it runs once per persisted window).
+        Series refs change: selections taken before keep their own copies.
+        """
+        with self._lock:
+            n = len(self._labels)
+            snap = _Selection(
+                refs=np.arange(n, dtype=np.int64), mint=before_ms, maxt=np.iinfo(np.int64).max,
+                last_chunk=self._s_last[:n], open_ts=self._open_ts[:n], open_vb=self._open_vb[:n],
+                open_n=self._open_n[:n], s_first=self._s_first, c_mint=self._c_mint, c_maxt=self._c_maxt,
+                c_off=self._c_off, c_len=self._c_len, c_next=self._c_next, arena=self._arena)
+            fresh = Head(self.options)
+            removed = 0
+            for k, lbls in enumerate(self._labels):
+                chunks = list(snap.stored_chunks(k))
+                on = int(self._open_n[k])
+                if not chunks and (on == 0 or int(self._last_ts[k]) < before_ms):
+                    removed += 1
+                    continue
+                key = lbls.canonical()
+                ref = fresh._create(lbls, key, xxhash.xxh64_intdigest(key))
+                for c in chunks:
+                    fresh._add_chunk(ref, c.mint, c.maxt, c.data)
+                fresh._open_ts[ref, :on] = self._open_ts[k, :on]
+                fresh._open_vb[ref, :on] = self._open_vb[k, :on]
+                fresh._open_n[ref] = on
+                fresh._last_ts[ref], fresh._last_vb[ref] = self._last_ts[k], self._last_vb[k]
+                fresh._s_mint[ref] = chunks[0].mint if chunks else int(self._open_ts[k, 0])
+            keep = {"options", "_lock", "_max_t", "_min_valid", "_m_appended", "_m_rejected"}
+            for name, value in vars(fresh).items():
+                if name not in keep:
+                    setattr(self, name, value)
+            return removed
 
     # ---- checkpoints -------------------------------------------------------
 

@@ -202,3 +202,33 @@ def test_tsdb_stats_count_series_pairs_and_chunks():
     # Bytes of distinct values: __name__ "up"+"go" = 4, job "a"+"bb" = 3.
     assert st["memoryInBytesByLabelName"] == [{"name": "__name__", "value": 4}, {"name": "job", "value": 3}]
     assert st["seriesCountByLabelValuePair"] == [{"name": "__name__=up", "value": 2}, {"name": "job=a", "value": 2}]
+
+
+def test_truncate_drops_old_chunks_and_empty_series_and_keeps_the_rest():
+    head = Head(HeadOptions(chunk_range_ms=1000 * 120, out_of_bounds_window_ms=2**62, max_ahead_ms=2**62))
+    old = [(t * 1000, float(t)) for t in range(0, 300)]  # 300 samples: chunks cut at 120 samples
+    _append(head, [([("__name__", "a")], old), ([("__name__", "gone")], [(5000, 1.0)])])
+    _append(head, [([("__name__", "b")], [(10**6 + i, 2.0) for i in range(3)])])
+    removed = head.truncate(before_ms=200_000)
+    assert removed == 1  # "gone" had its only sample at 5 s
+    assert head.num_series() == 2
+    (a,) = head.select(_eq("a"), MIN, MAX)
+    ts, vals = a.samples()
+    # Chunks of samples 0-119 and 120-239 s: the first ends before 200 s and goes, the second stays
+    # whole (it reaches 239 s); the open chunk 240-299 s stays.
+    assert ts[0] == 120_000 and ts[-1] == 299_000 and len(ts) == 180
+    assert np.array_equal(vals, np.arange(120, 300, dtype=float))
+    (b,) = head.select(_eq("b"), MIN, MAX)
+    assert b.samples()[0].tolist() == [10**6, 10**6 + 1, 10**6 + 2]
+    assert head.label_values("__name__", [], MIN, MAX) == ["a", "b"]
+    # Appending continues after the rebuild, to old and new series.
+    assert _append(head, [([("__name__", "a")], [(300_000, 300.0)]), ([("__name__", "c")], [(1, 1.0)])]).appended == 2
+
+
+def test_min_valid_time_rejects_older_appends_as_out_of_bounds():
+    head = Head(HeadOptions(out_of_bounds_window_ms=2**62, max_ahead_ms=2**62))
+    head.set_min_valid_time(1000)
+    head.set_min_valid_time(500)  # never moves back
+    assert head.min_valid_time == 1000
+    res = _append(head, [([("__name__", "a")], [(999, 1.0), (1000, 2.0)])])
+    assert res.appended == 1 and res.rejected["out_of_bounds"][0] == 1

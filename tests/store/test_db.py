@@ -1,0 +1,55 @@
+"""DB: the head behind the WAL; persisted windows leave the head and do not come back on restart."""
+
+from __future__ import annotations
+
+import cramjam
+
+from store.db import DB, DBOptions
+from store.head import HeadOptions
+from store.matchers import Matcher, MatchType
+from store.writerequest import decode
+from tests import prompb_ref
+
+HOUR = 3600_000
+MIN, MAX = -(2**63), 2**63 - 1
+
+
+def _write(db: DB, name: str, points, now_ms: int):
+    body = prompb_ref.write_request([([("__name__", name)], points)])
+    return db.append(bytes(cramjam.snappy.compress_raw(body)), decode(body), now_ms)
+
+
+def _times(db: DB, name: str) -> list[int]:
+    series = db.head.select([Matcher(MatchType.EQ, "__name__", name)], MIN, MAX)
+    return [int(t) for s in series for t in s.samples()[0]]
+
+
+def test_persisted_data_is_truncated_after_retention_and_not_replayed(tmp_path):
+    clock = [100 * HOUR / 1000]
+    opts = DBOptions(head=HeadOptions(chunk_range_ms=HOUR, out_of_bounds_window_ms=2**62, max_ahead_ms=2**62),
+                     retention_ms=28 * HOUR)
+    db = DB.open(str(tmp_path), opts, now=lambda: clock[0])
+    now = 100 * HOUR
+    # Samples every 10 min from 0 h to 99 h; chunks are cut at every hour boundary.
+    assert _write(db, "m", [(t, 1.0) for t in range(0, 99 * HOUR + 1, 600_000)], now).appended == 99 * 6 + 1
+    assert _write(db, "old", [(HOUR, 1.0)], now).appended == 1
+    db.persisted(48 * HOUR)
+    # Older than the persisted end: out of bounds now.
+    assert _write(db, "m2", [(47 * HOUR, 1.0)], now).rejected["out_of_bounds"][0] == 1
+    db.truncate_expired()  # before = min(48 h, 100 h - 28 h) = 48 h
+    assert min(_times(db, "m")) == 48 * HOUR and max(_times(db, "m")) == 99 * HOUR
+    assert _times(db, "old") == []
+    db.close(checkpoint=False)  # a crash right after: the forced checkpoint already holds the truncation
+    db = DB.open(str(tmp_path), opts, now=lambda: clock[0])
+    assert min(_times(db, "m")) == 48 * HOUR and _times(db, "old") == []
+    db.close()
+
+
+def test_truncation_waits_for_retention(tmp_path):
+    opts = DBOptions(head=HeadOptions(out_of_bounds_window_ms=2**62, max_ahead_ms=2**62), retention_ms=28 * HOUR)
+    db = DB.open(str(tmp_path), opts, now=lambda: 30 * HOUR / 1000)
+    _write(db, "m", [(t, 1.0) for t in range(0, 29 * HOUR, HOUR)], 30 * HOUR)
+    db.persisted(28 * HOUR)
+    db.truncate_expired()  # before = min(28 h, 30 h - 28 h) = 2 h: only what is older than 2 h may go
+    assert max(_times(db, "m")) == 28 * HOUR and 2 * HOUR in _times(db, "m")
+    db.close()
