@@ -9,6 +9,15 @@ Example (every key optional; these are the defaults)::
       out_of_bounds_window: 28h
       max_ahead: 10m
       name_validation: utf8        # or legacy
+      retention: 28h               # persisted data stays in memory this long
+    bucket:                        # Thanos objstore format; default a directory under data_dir
+      type: FILESYSTEM
+      config: {directory: ./data/bucket}
+    compactor:
+      enabled: true
+      window: 28h                  # head windows become level-1 blocks once closed
+      grace: 1h                    # how long after its end a window may still get late samples
+      interval: 1m                 # how often the compactor looks for work
     wal:
       checkpoint_interval: 5m
     remote_write:
@@ -63,6 +72,14 @@ class QueryOptions:
 
 
 @dataclass(frozen=True, slots=True)
+class CompactorOptions:
+    enabled: bool = True
+    window_ms: int = 28 * 3_600_000
+    grace_ms: int = 3_600_000
+    interval_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
 class Options:
     listen_host: str = "127.0.0.1"
     listen_port: int = 9201
@@ -70,6 +87,14 @@ class Options:
     db: DBOptions = field(default_factory=DBOptions)
     max_body_bytes: int = 32 << 20
     query: QueryOptions = field(default_factory=QueryOptions)
+    bucket: dict | None = None  # objstore config; None: FILESYSTEM under data_dir/bucket
+    compactor: CompactorOptions = field(default_factory=CompactorOptions)
+
+    def bucket_config(self) -> dict:
+        """The objstore configuration to use (the default one if none is configured)."""
+        import os
+
+        return self.bucket or {"type": "FILESYSTEM", "config": {"directory": os.path.join(self.data_dir, "bucket")}}
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -105,9 +130,30 @@ def load(path: str | None, *, listen: str | None = None, data_dir: str | None = 
             raise ConfigError(f"parse config {path}: {e}") from None
         if not isinstance(doc, dict):
             raise ConfigError(f"config {path}: expected a mapping at the top level")
-    _unknown(doc, {"listen", "data_dir", "head", "wal", "remote_write", "query", "bucket"}, "config")
-    head, wal, rw, q = (_section(doc, k) for k in ("head", "wal", "remote_write", "query"))
-    _unknown(head, {"chunk_range", "out_of_bounds_window", "max_ahead", "name_validation"}, "head")
+    _unknown(doc, {"listen", "data_dir", "head", "wal", "remote_write", "query", "bucket", "compactor"}, "config")
+    head, wal, rw, q, comp = (_section(doc, k) for k in ("head", "wal", "remote_write", "query", "compactor"))
+    bucket = doc.get("bucket")
+    if bucket is not None:
+        from store.bucket import bucket_from_config
+        from store.errors import BucketConfigError
+
+        if not isinstance(bucket, dict):
+            raise ConfigError("bucket: expected a mapping (objstore format: type, config)")
+        try:
+            bucket_from_config(bucket).close()
+        except BucketConfigError as e:
+            raise ConfigError(f"bucket: {e}") from None
+    _unknown(head, {"chunk_range", "out_of_bounds_window", "max_ahead", "name_validation", "retention"}, "head")
+    _unknown(comp, {"enabled", "window", "grace", "interval"}, "compactor")
+    if not isinstance(comp.get("enabled", True), bool):
+        raise ConfigError("compactor.enabled: expected true or false")
+    compactor = CompactorOptions(
+        enabled=comp.get("enabled", True),
+        window_ms=parse_duration_ms(comp.get("window", "28h"), "compactor.window"),
+        grace_ms=parse_duration_ms(comp.get("grace", "1h"), "compactor.grace"),
+        interval_s=parse_duration_ms(comp.get("interval", "1m"), "compactor.interval") / 1000)
+    if compactor.window_ms <= 0 or compactor.interval_s <= 0:
+        raise ConfigError("compactor: window and interval must be positive")
     _unknown(wal, {"checkpoint_interval"}, "wal")
     _unknown(rw, {"max_body_bytes"}, "remote_write")
     _unknown(q, {"lookback_delta", "max_samples", "timeout"}, "query")
@@ -131,7 +177,10 @@ def load(path: str | None, *, listen: str | None = None, data_dir: str | None = 
         listen_host=host, listen_port=port,
         data_dir=data_dir or str(doc.get("data_dir", "./data")),
         db=DBOptions(head=head_opts, checkpoint_interval_s=parse_duration_ms(
-            wal.get("checkpoint_interval", "5m"), "wal.checkpoint_interval") / 1000),
+            wal.get("checkpoint_interval", "5m"), "wal.checkpoint_interval") / 1000,
+            retention_ms=parse_duration_ms(head.get("retention", "28h"), "head.retention")),
+        bucket=bucket,
+        compactor=compactor,
         max_body_bytes=max_body,
         query=QueryOptions(
             lookback_delta_ms=parse_duration_ms(q.get("lookback_delta", "5m"), "query.lookback_delta"),

@@ -23,6 +23,20 @@ def test_defaults_without_a_file():
     assert o.db.head.out_of_bounds_window_ms == 28 * 3600_000
 
 
+def test_bucket_and_compactor_settings(tmp_path):
+    o = load(None, data_dir="/d")
+    assert o.bucket_config() == {"type": "FILESYSTEM", "config": {"directory": "/d/bucket"}}
+    assert (o.compactor.window_ms, o.compactor.grace_ms, o.db.retention_ms) == (28 * 3600_000, 3600_000, 28 * 3600_000)
+    p = tmp_path / "c.yml"
+    p.write_text("bucket: {type: S3, config: {bucket: b, endpoint: '127.0.0.1:9000', access_key: a, secret_key: s, "
+                 "insecure: true}}\ncompactor: {window: 2h, grace: 5m, interval: 10s, enabled: false}\n"
+                 "head: {retention: 3h}\n")
+    o = load(str(p))
+    assert o.bucket_config()["type"] == "S3" and not o.compactor.enabled
+    assert (o.compactor.window_ms, o.compactor.grace_ms, o.compactor.interval_s) == (7200_000, 300_000, 10.0)
+    assert o.db.retention_ms == 3 * 3600_000
+
+
 def test_file_and_flag_overrides(tmp_path):
     p = tmp_path / "c.yml"
     p.write_text("listen: 0.0.0.0:9999\ndata_dir: /x\nhead: {chunk_range: 1h, name_validation: legacy}\n"
@@ -35,6 +49,11 @@ def test_file_and_flag_overrides(tmp_path):
 
 @pytest.mark.parametrize("text,msg", [
     ("nope: 1\n", "unknown key(s) nope"),
+    ("bucket: {type: GCS, config: {}}\n", "bucket: objstore config: unsupported bucket type"),
+    ("bucket: [1]\n", "bucket: expected a mapping"),
+    ("compactor: {window: 0s}\n", "window and interval must be positive"),
+    ("compactor: {enabled: maybe}\n", "compactor.enabled: expected true or false"),
+    ("compactor: {speed: 1}\n", "compactor: unknown key(s) speed"),
     ("head: {colour: red}\n", "head: unknown key(s) colour"),
     ("head: {name_validation: ascii}\n", "name_validation must be utf8 or legacy"),
     ("listen: nowhere\n", "is not HOST:PORT"),
