@@ -27,7 +27,7 @@ from querier.aggregations import format_value
 from querier.engine import Engine, parse, selector_matchers
 from querier.errors import QueryError
 from querier.values import Result
-from store.errors import InvalidMatcher
+from store.errors import BucketError, InvalidMatcher, StorageError
 from store.httpserver import Request, Response, Router
 from store.matchers import Matcher
 from store.storage import Querier, SelectHints
@@ -232,9 +232,24 @@ class QueryAPI:
                 return _error_response(e.error_type, str(e))
             except QueryError as e:
                 return _error_response(e.error_type, str(e))
+            except BucketError as e:  # a bucket failure the request asked not to tolerate
+                return _error_response("unavailable", str(e))
+            except StorageError as e:
+                return _error_response("internal", str(e))
         return handler
 
     # ---- parameters ----
+
+    def _querier(self, form) -> Querier:
+        """The request's querier; ``partial_response=false`` (Thanos' parameter) makes a failing
+        bucket fail the request instead of answering from what could be read, with a warning."""
+        q = self._querier_factory()
+        v = self._param(form, "partial_response").lower()
+        if v and hasattr(q, "partial_response"):
+            if v not in ("true", "false", "1", "0"):
+                raise _bad("partial_response", f"cannot parse {json.dumps(v)} to a boolean")
+            q.partial_response = v in ("true", "1")
+        return q
 
     @staticmethod
     def _param(form: dict[str, list[str]], name: str) -> str:
@@ -280,9 +295,10 @@ class QueryAPI:
             parse(expr)
         except QueryError as e:
             raise _bad("query", str(e)) from None
-        res = self._engine.instant(self._querier_factory(), expr, t, timeout_s=timeout, lookback_delta_ms=lookback,
+        q = self._querier(form)
+        res = self._engine.instant(q, expr, t, timeout_s=timeout, lookback_delta_ms=lookback,
                                    cancelled=req.disconnected)
-        return _success(result_json(res), res.warnings, res.infos)
+        return _success(result_json(res), res.warnings + _storage_warnings(q), res.infos)
 
     def query_range(self, req: Request) -> Response:
         form = req.form()
@@ -314,9 +330,10 @@ class QueryAPI:
         if isinstance(_unparen(ast), (pp.MatrixSelector, pp.StringLiteral)):
             kind = "range vector" if isinstance(_unparen(ast), pp.MatrixSelector) else "string"
             raise _bad("query", f'invalid expression type "{kind}" for range query, must be Scalar or instant Vector')
-        res = self._engine.range(self._querier_factory(), expr, start, end, step, timeout_s=timeout,
+        q = self._querier(form)
+        res = self._engine.range(q, expr, start, end, step, timeout_s=timeout,
                                  lookback_delta_ms=lookback, cancelled=req.disconnected)
-        return _success(result_json(res), res.warnings, res.infos)
+        return _success(result_json(res), res.warnings + _storage_warnings(q), res.infos)
 
     def _matcher_sets(self, form) -> list[list[Matcher]]:
         sets = []
@@ -356,13 +373,13 @@ class QueryAPI:
             raise ApiError("bad_data", "no match[] parameter provided")
         mint, maxt = self._range(form)
         limit = self._limit(form)
-        q = self._querier_factory()
+        q = self._querier(form)
         found = set()
         for ms in sets:
             for s in q.select(ms, mint, maxt, SelectHints(mint, maxt, func="series")):
                 found.add(s.labels)
         out = sorted(found)
-        warnings = []
+        warnings = _storage_warnings(q)
         if limit and len(out) > limit:
             out = out[:limit]
             warnings.append("results truncated due to limit")
@@ -373,11 +390,11 @@ class QueryAPI:
         sets = self._matcher_sets(form)
         mint, maxt = self._range(form)
         limit = self._limit(form)
-        q = self._querier_factory()
+        q = self._querier(form)
         names: set[str] = set()
         for ms in sets or [[]]:
             names.update(q.label_names(ms, mint, maxt))
-        return self._string_list(sorted(names), limit)
+        return self._string_list(sorted(names), limit, _storage_warnings(q))
 
     def label_values(self, req: Request) -> Response:
         rest = req.params.get("rest", "")
@@ -390,15 +407,14 @@ class QueryAPI:
         sets = self._matcher_sets(form)
         mint, maxt = self._range(form)
         limit = self._limit(form)
-        q = self._querier_factory()
+        q = self._querier(form)
         values: set[str] = set()
         for ms in sets or [[]]:
             values.update(q.label_values(name, ms, mint, maxt))
-        return self._string_list(sorted(values), limit)
+        return self._string_list(sorted(values), limit, _storage_warnings(q))
 
     @staticmethod
-    def _string_list(items: list[str], limit: int) -> Response:
-        warnings = []
+    def _string_list(items: list[str], limit: int, warnings: list[str]) -> Response:
         if limit and len(items) > limit:
             items = items[:limit]
             warnings.append("results truncated due to limit")
@@ -477,6 +493,11 @@ class QueryAPI:
 
     def alerts(self, req: Request) -> Response:
         return _success('{"alerts":[]}')
+
+
+def _storage_warnings(q: Querier) -> list[str]:
+    """Warnings the querier collected while reading (e.g. a partial response from the bucket)."""
+    return list(getattr(q, "warnings", ()))
 
 
 def _unparen(ast):

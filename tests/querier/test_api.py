@@ -15,6 +15,7 @@ from querier.api import QueryAPI, ServerInfo, format_timestamp, parse_duration, 
 from querier.aggregations import format_value
 from querier.engine import Engine
 from store.httpserver import Request
+from store.errors import BucketUnavailable
 from store.labels import Labels
 from tests.querier.fakequerier import FakeQuerier
 
@@ -242,3 +243,33 @@ def test_a_query_stops_when_the_client_goes_away():
     resp = route.handler(req)
     body = json.loads(resp.body)
     assert resp.status == 499 and body["errorType"] == "canceled"
+
+
+class _FlakyBucketQuerier(FakeQuerier):
+    """A querier whose bucket part fails: a warning with partial responses, an error without."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.partial_response = True
+        self.warnings: list[str] = []
+
+    def select(self, matchers, mint, maxt, hints=None):
+        if not self.partial_response:
+            raise BucketUnavailable("bucket b: connection refused")
+        self.warnings.append("partial response: reading block X failed: connection refused")
+        return super().select(matchers, mint, maxt, hints)
+
+
+def test_bucket_failures_are_warnings_or_errors_as_the_request_asks():
+    q = _FlakyBucketQuerier()
+    q.add(Labels.from_dict({"__name__": "a"}), [0], [1])
+    router = QueryAPI(lambda: q, Engine(), lambda: 0.0).router()
+    status, body = call(router, "/api/v1/query", [("query", "a"), ("time", "0")])
+    assert status == 200 and body["data"]["result"][0]["value"] == [0, "1"]
+    assert body["warnings"] == ["partial response: reading block X failed: connection refused"]
+    q.warnings.clear()
+    status, body = call(router, "/api/v1/query_range", [("query", "a"), ("start", "0"), ("end", "0"), ("step", "1"),
+                                                        ("partial_response", "false")])
+    assert status == 503 and body["errorType"] == "unavailable" and "connection refused" in body["error"]
+    status, body = call(router, "/api/v1/series", [("match[]", "a"), ("partial_response", "maybe")])
+    assert status == 400 and body["error"].startswith('invalid parameter "partial_response"')
