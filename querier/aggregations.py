@@ -18,7 +18,7 @@ import math
 import numpy as np
 import promql_parser as pp
 
-from querier import annotations
+from querier import annotations, kernels
 from querier import engine as _engine
 from querier.errors import ExecutionError, Unsupported
 from querier.functions import _quantiles
@@ -80,55 +80,76 @@ def evaluate_aggregate(node: pp.AggregateExpr, ctx: "_engine.EvalContext") -> Ve
     if len(vec) == 0:
         return Vector.empty(steps)
     G = len(labels)
-    order = np.argsort(gid, kind="stable")
-    counts = np.bincount(gid, minlength=G)
-    starts = np.zeros(G, dtype=np.int64)
-    np.cumsum(counts[:-1], out=starts[1:])
-    vals = vec.values[order]
-    pres = vec.present[order]
-    n = np.add.reduceat(pres.astype(np.float64), starts, axis=0)
-    present = n > 0
+    rows = _GroupRows(vec, gid, G)
     with np.errstate(all="ignore"):
         if op in ("sum", "avg"):
-            total = kahan_group_sum(np.where(pres, vals, 0.0), starts, counts)
+            n, total, comp = kernels.group_sum(rows.values, rows.present, gid, G)
+            total = np.where(np.isinf(total), total, total + comp)  # kahan_group_sum of the present rows
             if op == "sum":
                 out = total
             else:
                 mean = total / np.maximum(n, 1)
-                overflow = np.isinf(mean) & ~np.isinf(np.fmax.reduceat(np.where(pres, np.abs(vals), 0.0), starts, axis=0))
-                if overflow.any():
-                    # The sum left the float range although no input is infinite: average x/n instead.
-                    scaled = np.where(pres, vals / np.repeat(np.maximum(n, 1), counts, axis=0), 0.0)
-                    mean = np.where(overflow, kahan_group_sum(scaled, starts, counts), mean)
+                if np.isinf(mean).any():
+                    vals, pres, starts, counts = rows.sorted()
+                    overflow = np.isinf(mean) & ~np.isinf(np.fmax.reduceat(np.where(pres, np.abs(vals), 0.0), starts, axis=0))
+                    if overflow.any():
+                        # The sum left the float range although no input is infinite: average x/n instead.
+                        scaled = np.where(pres, vals / np.repeat(np.maximum(n, 1), counts, axis=0), 0.0)
+                        mean = np.where(overflow, kahan_group_sum(scaled, starts, counts), mean)
                 out = mean
-        elif op in ("stddev", "stdvar"):
-            out = welford_group_variance(vals, pres, starts, counts)
-            if op == "stddev":
-                out = np.sqrt(out)
-        elif op == "count":
-            out = n
-        elif op == "group":
-            out = np.ones_like(n)
-        elif op == "min":
-            out = np.fmin.reduceat(np.where(pres, vals, np.nan), starts, axis=0)
-        elif op == "max":
-            out = np.fmax.reduceat(np.where(pres, vals, np.nan), starts, axis=0)
-        elif op == "quantile":
-            if not isinstance(param, Scalar):
-                raise ExecutionError("quantile needs a scalar parameter")
-            out = _group_quantile(vals, pres, order, gid, G, param.values)
         else:
-            raise Unsupported(f"aggregation {op} is not supported")
+            n = kernels.group_count(rows.present, gid, G)
+            if op in ("stddev", "stdvar"):
+                out = welford_group_variance(*rows.sorted())
+                if op == "stddev":
+                    out = np.sqrt(out)
+            elif op == "count":
+                out = n
+            elif op == "group":
+                out = np.ones_like(n)
+            elif op == "min":
+                vals, pres, starts, _ = rows.sorted()
+                out = np.fmin.reduceat(np.where(pres, vals, np.nan), starts, axis=0)
+            elif op == "max":
+                vals, pres, starts, _ = rows.sorted()
+                out = np.fmax.reduceat(np.where(pres, vals, np.nan), starts, axis=0)
+            elif op == "quantile":
+                if not isinstance(param, Scalar):
+                    raise ExecutionError("quantile needs a scalar parameter")
+                vals, pres, starts, counts = rows.sorted()
+                out = kernels.group_quantile(vals, pres, starts, counts,
+                                             np.ascontiguousarray(param.values, dtype=np.float64))
+            else:
+                raise Unsupported(f"aggregation {op} is not supported")
+    present = n > 0
     marked = np.array([isinstance(lb, DropNameLabels) for lb in vec.labels])
     if marked.any():
-        labels = _mark_groups(labels, marked[order], pres, starts, present)
+        labels = _mark_groups(labels, kernels.group_any(rows.present, gid, G, marked), present)
     return Vector(labels, out, present)
 
 
-def _mark_groups(labels: list[Labels], marked: np.ndarray, pres: np.ndarray, starts: np.ndarray,
-                 present: np.ndarray) -> list[Labels]:
-    """Marks the groups that aggregated a marked input at their last present step (rows sorted by group)."""
-    any_marked = np.add.reduceat((pres & marked[:, None]).astype(np.int64), starts, axis=0) > 0
+class _GroupRows:
+    """The rows of an aggregation's input, and on demand sorted by group (stably) with the groups' starts and sizes."""
+
+    def __init__(self, vec: Vector, gid: np.ndarray, groups: int) -> None:
+        self.values = np.ascontiguousarray(vec.values, dtype=np.float64)
+        self.present = np.ascontiguousarray(vec.present, dtype=np.bool_)
+        self.gid, self.groups = gid, groups
+        self._sorted = None
+
+    def sorted(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(values, present, starts, counts)`` with the rows ordered by group."""
+        if self._sorted is None:
+            order = np.argsort(self.gid, kind="stable")
+            counts = np.bincount(self.gid, minlength=self.groups)
+            starts = np.zeros(self.groups, dtype=np.int64)
+            np.cumsum(counts[:-1], out=starts[1:])
+            self._sorted = self.values[order], self.present[order], starts, counts
+        return self._sorted
+
+
+def _mark_groups(labels: list[Labels], any_marked: np.ndarray, present: np.ndarray) -> list[Labels]:
+    """Marks the groups that aggregated a marked input (``any_marked`` per group and step) at their last present step."""
     T = present.shape[1]
     last = T - 1 - np.argmax(present[:, ::-1], axis=1)
     drop = any_marked[np.arange(len(labels)), last] & present.any(axis=1)

@@ -3,7 +3,10 @@
 Range functions (``rate``, ``*_over_time``, ...) receive a ``RangeVector``
 and its ``[lo, hi)`` window indices per (series, step) and fold the flat
 sample arrays with ``ufunc.reduceat`` or gather single samples (first,
-last). Folds Prometheus defines sample by sample (Kahan sums, running means,
+last). The functions queries use most run as compiled kernels
+(``kernels.py``, the ``_RANGE`` table); the numpy versions here
+(``_RANGE_REFERENCE``) are their readable reference and are tested against
+them. Folds Prometheus defines sample by sample (Kahan sums, running means,
 smoothing) walk all windows at once, one sample position per step
 (``_Scan``), or, for a few long windows, one window at a time. Instant
 functions map arrays element-wise; classic histograms are in
@@ -21,7 +24,7 @@ import numpy as np
 import promql_parser as pp
 import re2
 
-from querier import annotations, histograms
+from querier import annotations, histograms, kernels
 from querier import engine as _engine
 from querier.errors import ExecutionError, Unsupported
 from querier.values import RangeVector, Scalar, String, Vector, window_reduce
@@ -61,8 +64,14 @@ def evaluate_call(node: pp.Call, ctx: "_engine.EvalContext"):
 
 def _check_counter_names(rv: RangeVector, present: np.ndarray, ctx) -> None:
     """Prometheus' info for ``rate``/``increase`` of a named series whose name does not read as a counter's."""
-    for i in np.flatnonzero(present.any(axis=1)):
-        metric = rv.labels[i].get(METRIC_NAME)
+    seen = set()
+    for i in np.flatnonzero(present.any(axis=1)).tolist():
+        lbls = rv.labels[i]
+        # The name usually sorts first; Labels.get is the general case.
+        metric = lbls[0][1] if lbls and lbls[0][0] == METRIC_NAME else lbls.get(METRIC_NAME)
+        if metric in seen:
+            continue
+        seen.add(metric)
         if metric and not metric.endswith(_COUNTER_SUFFIXES):
             ctx.info(annotations.possible_non_counter(metric))
 
@@ -425,6 +434,8 @@ def _two_pass_variance(rv: RangeVector, scan: _Scan) -> np.ndarray:
     """
     out = np.zeros(scan.size)
     for w, lo, hi in scan.slices():
+        if hi <= lo:
+            continue  # an empty window (masked by the caller)
         x = rv.values[lo:hi]
         lowest, highest = x.min(), x.max()
         if not (np.isfinite(lowest) and np.isfinite(highest)):
@@ -603,15 +614,8 @@ def _regression(rv: RangeVector, intercept_ms: np.ndarray):
     """Least-squares slope (per second) and intercept at ``intercept_ms`` of every window, as Prometheus."""
     lo, hi, count, nonempty, last = _basics(rv)
     ok = count >= 2
-    ts, v = rv.ts, rv.values
-    base = int(ts[0]) if len(ts) else 0
-    x = (ts - base) / 1000.0
-    shift = np.zeros(len(v))
-    if len(v):
-        sizes = np.diff(rv.offsets)
-        firsts = v[rv.offsets[:-1][sizes > 0]]
-        shift = np.repeat(np.where(np.isfinite(firsts), firsts, 0.0), sizes[sizes > 0])
-    y = v - shift
+    v = rv.values
+    base, x, y, shift = _regression_terms(rv)
     n = np.maximum(count, 1).astype(np.float64)
     with np.errstate(all="ignore"):
         sx = window_reduce(np.add, x, lo, hi)
@@ -637,22 +641,90 @@ def _regression(rv: RangeVector, intercept_ms: np.ndarray):
     return slope, intercept, ok
 
 
-def _deriv(rv, _args, ctx):
-    slope, _, ok = _regression(rv, np.zeros(1))
-    return slope, ok
+def _regression_terms(rv: RangeVector) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """``(base, x, y, shift)``: times in seconds from the first sample, values minus their series' first finite one."""
+    ts, v = rv.ts, rv.values
+    base = int(ts[0]) if len(ts) else 0
+    x = (ts - base) / 1000.0
+    shift = np.zeros(len(v))
+    if len(v):
+        sizes = np.diff(rv.offsets)
+        firsts = v[rv.offsets[:-1][sizes > 0]]
+        shift = np.repeat(np.where(np.isfinite(firsts), firsts, 0.0), sizes[sizes > 0])
+    with np.errstate(all="ignore"):
+        y = v - shift
+    return base, x, y, shift
 
 
-def _predict_linear(rv, args, ctx):
-    horizon = _scalar_arg(args[0])[None, :]
-    slope, intercept, ok = _regression(rv, ctx.steps[None, :])
-    return intercept + slope * horizon, ok
+def _regression_compiled(rv: RangeVector, intercept_ms: np.ndarray):
+    """``_regression`` with ``kernels.regression``."""
+    base, x, y, shift = _regression_terms(rv)
+    with np.errstate(all="ignore"):
+        xy, x2 = x * y, x * x
+    xi = np.ascontiguousarray(np.broadcast_to(((intercept_ms - base) / 1000.0).ravel(), (len(rv.left),)))
+    return kernels.regression(rv.ts, x, y, xy, x2, rv.values, shift, rv.offsets, rv.left, rv.right, xi)
+
+
+def _linear(regression):
+    def deriv(rv, _args, ctx):
+        slope, _, ok = regression(rv, np.zeros(1))
+        return slope, ok
+
+    def predict_linear(rv, args, ctx):
+        horizon = _scalar_arg(args[0])[None, :]
+        slope, intercept, ok = regression(rv, ctx.steps[None, :])
+        with np.errstate(all="ignore"):
+            return intercept + slope * horizon, ok
+    return deriv, predict_linear
+
+
+_deriv, _predict_linear = _linear(_regression)
+_deriv_compiled, _predict_linear_compiled = _linear(_regression_compiled)
+
+
+# ---- compiled range functions (kernels.py); the numpy versions above are their reference ---------
+
+def _extrapolated_compiled(is_counter: bool, is_rate: bool):
+    def fn(rv: RangeVector, _args, ctx):
+        return kernels.extrapolated(rv.ts, rv.values, rv.offsets, rv.left, rv.right, rv.range_ms, is_counter, is_rate)
+    return fn
+
+
+def _instant_delta_compiled(is_rate: bool):
+    def fn(rv: RangeVector, _args, ctx):
+        return kernels.instant_delta(rv.ts, rv.values, rv.offsets, rv.left, rv.right, is_rate)
+    return fn
+
+
+def _windowed(kernel):
+    def fn(rv: RangeVector, _args, ctx):
+        return kernel(rv.ts, rv.values, rv.offsets, rv.left, rv.right)
+    return fn
+
+
+def _extreme_compiled(largest: bool):
+    def fn(rv: RangeVector, _args, ctx):
+        return kernels.extreme(rv.ts, rv.values, rv.offsets, rv.left, rv.right, largest)
+    return fn
+
+
+def _stddev_compiled(rv, _args, ctx):
+    var, ok = kernels.variance_over_time(rv.ts, rv.values, rv.offsets, rv.left, rv.right)
+    return np.sqrt(var), ok
+
+
+def _quantile_over_time_compiled(rv, args, ctx):
+    q = np.ascontiguousarray(_scalar_arg(args[0]), dtype=np.float64)
+    out, ok = kernels.quantile_over_time(rv.ts, rv.values, rv.offsets, rv.left, rv.right, q)
+    _warn_invalid_quantiles(q[ok.any(axis=0)] if ok.size else q[:0], ctx)
+    return out, ok
 
 
 def _absent_over_time_values(rv, _args, ctx):
     raise AssertionError("handled as a special function")
 
 
-_RANGE = {
+_RANGE_REFERENCE = {
     "rate": _extrapolated(True, True),
     "increase": _extrapolated(True, False),
     "delta": _extrapolated(False, False),
@@ -679,6 +751,24 @@ _RANGE = {
     "double_exponential_smoothing": _double_exponential_smoothing,
     "deriv": _deriv,
     "predict_linear": _predict_linear,
+}
+
+_RANGE = {
+    **_RANGE_REFERENCE,
+    "rate": _extrapolated_compiled(True, True),
+    "increase": _extrapolated_compiled(True, False),
+    "delta": _extrapolated_compiled(False, False),
+    "irate": _instant_delta_compiled(True),
+    "idelta": _instant_delta_compiled(False),
+    "sum_over_time": _windowed(kernels.sum_over_time),
+    "avg_over_time": _windowed(kernels.avg_over_time),
+    "min_over_time": _extreme_compiled(False),
+    "max_over_time": _extreme_compiled(True),
+    "stdvar_over_time": _windowed(kernels.variance_over_time),
+    "stddev_over_time": _stddev_compiled,
+    "quantile_over_time": _quantile_over_time_compiled,
+    "deriv": _deriv_compiled,
+    "predict_linear": _predict_linear_compiled,
 }
 
 

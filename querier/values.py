@@ -21,6 +21,7 @@ from typing import NamedTuple, Union
 
 import numpy as np
 
+from querier import kernels
 from store.labels import METRIC_NAME, Labels
 
 STALE_NAN_BITS = 0x7FF0000000000002
@@ -32,6 +33,7 @@ def is_stale(values: np.ndarray) -> np.ndarray:
 
 
 METADATA_LABELS = (METRIC_NAME, "__type__", "__unit__")
+_LAST_METADATA = max(METADATA_LABELS)
 
 
 class DropNameLabels(Labels):
@@ -57,14 +59,24 @@ class DropNameLabels(Labels):
 
 def mark_drop_name(lbls: Labels) -> Labels:
     """``lbls`` marked for name removal at the end of the query (unchanged if it has no metadata label)."""
-    if isinstance(lbls, DropNameLabels) or not any(n in METADATA_LABELS for n, _ in lbls):
+    if isinstance(lbls, DropNameLabels) or not has_metadata(lbls):
         return lbls
     return DropNameLabels.sorted_unchecked(lbls)
 
 
+def has_metadata(lbls: Labels) -> bool:
+    """Whether ``lbls`` has ``__name__``, ``__type__`` or ``__unit__``."""
+    for n, _ in lbls:
+        if n in METADATA_LABELS:
+            return True
+        if n > _LAST_METADATA:  # the pairs are sorted by name; no metadata label follows
+            return False
+    return False
+
+
 def strip_name(lbls: Labels) -> Labels:
     """Plain labels without ``__name__``, ``__type__`` and ``__unit__`` (the removal itself)."""
-    if any(n in METADATA_LABELS for n, _ in lbls):
+    if has_metadata(lbls):
         return Labels.sorted_unchecked(p for p in lbls if p[0] not in METADATA_LABELS)
     return Labels.sorted_unchecked(lbls) if type(lbls) is not Labels else lbls
 
@@ -142,6 +154,22 @@ Value = Union[Vector, Scalar, String, RangeVector]
 def window_indices(ts: np.ndarray, offsets: np.ndarray, left: np.ndarray,
                    right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Flat index ranges ``[lo, hi)`` of the samples with ``left[k] < t <= right[k]``, per series and step.
+
+    Compiled (``kernels.window_bounds``); ``window_indices_reference`` is the
+    numpy version it must agree with.
+    """
+    n = len(offsets) - 1
+    lo = np.empty((max(n, 0), len(left)), dtype=np.int64)
+    hi = np.empty_like(lo)
+    i64 = np.int64
+    kernels.window_bounds(np.ascontiguousarray(ts, dtype=i64), np.ascontiguousarray(offsets, dtype=i64),
+                          np.ascontiguousarray(left, dtype=i64), np.ascontiguousarray(right, dtype=i64), lo, hi)
+    return lo, hi
+
+
+def window_indices_reference(ts: np.ndarray, offsets: np.ndarray, left: np.ndarray,
+                             right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``window_indices`` in numpy.
 
     Series are laid end to end in one sorted key space (series index times a
     span, plus the timestamp relative to the earliest one) so a single
