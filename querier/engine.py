@@ -32,6 +32,7 @@ from querier import aggregations, binops, functions
 from querier.errors import QueryCanceled, ExecutionError, ParseError, QueryTimeout, TooManySamples, Unsupported
 from querier.values import (DropNameLabels, RangeSeries, RangeVector, Result, Sample, Scalar, String, Value,
                             Vector, finish_name, is_stale, mark_drop_name, window_indices)
+from store.head import flatten as head_flatten
 from store.labels import METRIC_NAME, Labels
 from store.matchers import Matcher, MatchType
 from store.storage import Querier, SelectHints
@@ -309,19 +310,23 @@ def select(ctx: EvalContext, vs: pp.VectorSelector, mint: int, maxt: int, range_
     """Reads the series of ``vs`` with samples in ``[mint, maxt]`` from the querier."""
     hints = SelectHints(mint, maxt, ctx.interval, range_ms, func)
     series = ctx.querier.select(selector_matchers(vs), mint, maxt, hints)
-    labels, ts_parts, val_parts = [], [], []
-    for s in series:
-        t, v = s.samples()
-        labels.append(s.labels)
-        ts_parts.append(np.asarray(t, dtype=np.int64))
-        val_parts.append(np.asarray(v, dtype=np.float64))
-    offsets = np.zeros(len(labels) + 1, dtype=np.int64)
-    if labels:
-        np.cumsum([len(t) for t in ts_parts], out=offsets[1:])
-        ts = np.concatenate(ts_parts)
-        vals = np.concatenate(val_parts)
+    labels = [s.labels for s in series]
+    flat = head_flatten(series)  # one gather for a head selection
+    if flat is not None:
+        ts, vals, offsets = flat
     else:
-        ts, vals = np.zeros(0, dtype=np.int64), np.zeros(0)
+        ts_parts, val_parts = [], []
+        for s in series:
+            t, v = s.samples()
+            ts_parts.append(np.asarray(t, dtype=np.int64))
+            val_parts.append(np.asarray(v, dtype=np.float64))
+        offsets = np.zeros(len(labels) + 1, dtype=np.int64)
+        if labels:
+            np.cumsum([len(t) for t in ts_parts], out=offsets[1:])
+            ts = np.concatenate(ts_parts)
+            vals = np.concatenate(val_parts)
+        else:
+            ts, vals = np.zeros(0, dtype=np.int64), np.zeros(0)
     ctx.account(len(ts))
     ctx.check()
     return Selection(labels, ts, vals, offsets)

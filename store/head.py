@@ -610,6 +610,26 @@ class HeadSeries:
         return f"HeadSeries({self.labels})"
 
 
+def flatten(series: Sequence["HeadSeries"]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The samples of ``series`` (one head selection, any order) as flat arrays: timestamps,
+    values and per-series offsets, gathered in one step; None if the series are not all of one
+    head selection (the caller then reads them one by one)."""
+    if not series or not isinstance(series[0], HeadSeries):
+        return None
+    sel = series[0]._sel
+    ks = np.empty(len(series), dtype=np.int64)
+    for i, s in enumerate(series):
+        if not isinstance(s, HeadSeries) or s._sel is not sel:
+            return None
+        ks[i] = s._k
+    ts, vals, starts = sel.decoded()
+    lens = starts[ks + 1] - starts[ks]
+    offsets = np.zeros(len(series) + 1, dtype=np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    idx = np.repeat(starts[ks] - offsets[:-1], lens) + np.arange(offsets[-1], dtype=np.int64)
+    return ts[idx], vals[idx], offsets
+
+
 def _fmt(pairs: list[tuple[str, str]]) -> str:
     return ", ".join(f'{n}="{v}"' for n, v in pairs)
 

@@ -232,3 +232,18 @@ def test_min_valid_time_rejects_older_appends_as_out_of_bounds():
     assert head.min_valid_time == 1000
     res = _append(head, [([("__name__", "a")], [(999, 1.0), (1000, 2.0)])])
     assert res.appended == 1 and res.rejected["out_of_bounds"][0] == 1
+
+
+def test_flatten_gathers_a_selection_in_the_given_order():
+    from store.head import flatten
+
+    head = Head(HeadOptions(out_of_bounds_window_ms=2**62, max_ahead_ms=2**62))
+    _append(head, [([("__name__", n)], [(t, float(i * 1000 + t)) for t in range(i + 1)])
+                   for i, n in enumerate(["c", "a", "b"])])
+    series = head.select([Matcher(MatchType.RE, "__name__", ".+")], MIN, MAX)
+    series = [series[2], series[0], series[1]]  # any order: c, a, b
+    ts, vals, offsets = flatten(series)
+    assert offsets.tolist() == [0, 1, 3, 6]
+    assert ts.tolist() == [0, 0, 1, 0, 1, 2]
+    assert vals.tolist() == [0.0, 1000.0, 1001.0, 2000.0, 2001.0, 2002.0]  # c, a, b as given
+    assert flatten([]) is None
