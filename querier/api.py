@@ -122,10 +122,31 @@ def result_json(res: Result) -> str:
         for s in res.data:
             parts.append(f'{{"metric":{_labels_json(s.labels)},"value":[{format_timestamp(s.t)},"{format_value(s.value)}"]}}')
     else:
+        grid: tuple[np.ndarray, list[str]] | None = None  # range results share the step timestamps
         for s in res.data:
-            pts = ",".join(map('[{},"{}"]'.format, timestamps_json(s.timestamps), values_json(s.values)))
-            parts.append(f'{{"metric":{_labels_json(s.labels)},"values":[{pts}]}}')
+            if grid is not None and np.array_equal(grid[0], s.timestamps):
+                prefixes = grid[1]
+            else:
+                prefixes = _point_prefixes(s.timestamps)
+                grid = (s.timestamps, prefixes)
+            parts.append(f'{{"metric":{_labels_json(s.labels)},"values":[{_points_json(prefixes, s.values)}]}}')
     return f'{{"resultType":"{rt}","result":[{",".join(parts)}]}}'
+
+
+def _point_prefixes(ts: np.ndarray) -> list[str]:
+    """What precedes each value in ``[T,"V"],[T,"V"]``: ``[T,"`` first, then ``"],[T,"``."""
+    tl = timestamps_json(ts)
+    return [f'[{tl[0]},"'] + [f'"],[{t},"' for t in tl[1:]] if tl else []
+
+
+def _points_json(prefixes: list[str], values: np.ndarray) -> str:
+    """``[T,"V"],...`` from the prefixes and the values, joined in one C-level call."""
+    if not prefixes:
+        return ""
+    out: list[str | None] = [None] * (2 * len(prefixes))
+    out[0::2] = prefixes
+    out[1::2] = values_json(values)
+    return "".join(out) + '"]'
 
 
 def timestamps_json(ts: np.ndarray) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import urllib.parse
 
 import numpy as np
@@ -273,3 +274,16 @@ def test_bucket_failures_are_warnings_or_errors_as_the_request_asks():
     assert status == 503 and body["errorType"] == "unavailable" and "connection refused" in body["error"]
     status, body = call(router, "/api/v1/series", [("match[]", "a"), ("partial_response", "maybe")])
     assert status == 400 and body["error"].startswith('invalid parameter "partial_response"')
+
+
+def test_matrix_json_with_shared_and_different_timestamps():
+    from querier.values import RangeSeries, Result
+
+    grid = np.array([1000, 2500, 4000], dtype=np.int64)
+    res = Result("matrix", [RangeSeries(Labels.from_dict({"a": "1"}), grid, np.array([1.0, 0.5, math.nan])),
+                            RangeSeries(Labels.from_dict({"a": "2"}), grid, np.array([2.0, -0.0, 1e21])),
+                            RangeSeries(Labels.from_dict({"a": "3"}), grid[1:], np.array([3.0, 4.0]))])
+    assert json.loads(api_mod.result_json(res)) == {"resultType": "matrix", "result": [
+        {"metric": {"a": "1"}, "values": [[1, "1"], [2.5, "0.5"], [4, "NaN"]]},
+        {"metric": {"a": "2"}, "values": [[1, "2"], [2.5, "-0"], [4, "1000000000000000000000"]]},
+        {"metric": {"a": "3"}, "values": [[2.5, "3"], [4, "4"]]}]}
