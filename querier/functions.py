@@ -1114,10 +1114,10 @@ def natural_less(a: str, b: str) -> bool:
         cx, cy = x[i], y[j]
         if 48 <= cx <= 57 and 48 <= cy <= 57:
             # A run of digits, leading zeros skipped (but a final zero kept), compares by length then text.
-            while cx == 48 and i + 1 < len(x):
+            while cx == 48 and i + 1 < len(x) and 48 <= x[i + 1] <= 57:
                 i += 1
                 cx = x[i]
-            while cy == 48 and j + 1 < len(y):
+            while cy == 48 and j + 1 < len(y) and 48 <= y[j + 1] <= 57:
                 j += 1
                 cy = y[j]
             ni = 1

@@ -45,6 +45,13 @@ def get_json(port: int, path: str, params: dict | list | None = None) -> dict:
     return doc
 
 
+def query_api(port: int, path: str, params: dict | list | None = None) -> tuple[int, dict]:
+    """GET a JSON API path; unlike ``get_json``, an error answer is returned, not raised."""
+    q = "?" + urllib.parse.urlencode(params or {}, doseq=True) if params else ""
+    status, body, _ = request(port, "GET", path + q)
+    return status, json.loads(body)
+
+
 def remote_write(port: int, protobuf: bytes, **headers) -> tuple[int, bytes]:
     h = {"Content-Type": "application/x-protobuf", "Content-Encoding": "snappy",
          "X-Prometheus-Remote-Write-Version": "0.1.0"}

@@ -292,3 +292,11 @@ def test_deep_and_wide_scans_agree_on_random_data():
     deep = one(q, "sum_over_time(m[5m])", t)
     wide = range_values(q, "sum_over_time(m[5m])", t, t + 999, 1)
     assert wide == [deep] * 1000
+
+
+@pytest.mark.parametrize("a,b", [("a0b", "a1b"), ("api-0:8080", "api-4:8080"), ("x0", "x00a"), ("v2", "v10"),
+                                 ("a", "a0"), ("b-007", "b-8")])
+def test_natural_order(a, b):
+    from querier.functions import natural_less
+
+    assert natural_less(a, b) and not natural_less(b, a)
