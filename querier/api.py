@@ -15,6 +15,7 @@ import math
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
@@ -110,13 +111,13 @@ def _labels_json(lbls) -> str:
     return json.dumps(dict(lbls), ensure_ascii=False, separators=(",", ":"))
 
 
-def result_json(res: Result) -> str:
-    """The ``data`` object of a query response."""
+def result_json(res: Result, stats: dict | None = None) -> str:
+    """The ``data`` object of a query response (with Prometheus' ``stats`` if given)."""
     rt = res.result_type
     if rt == "scalar" or rt == "string":
         t, v = res.data
         val = format_value(v) if rt == "scalar" else v
-        return f'{{"resultType":"{rt}","result":[{format_timestamp(t)},{json.dumps(val)}]}}'
+        return f'{{"resultType":"{rt}","result":[{format_timestamp(t)},{json.dumps(val)}]{_stats_json(stats)}}}'
     parts = []
     if rt == "vector":
         for s in res.data:
@@ -130,7 +131,11 @@ def result_json(res: Result) -> str:
                 prefixes = _point_prefixes(s.timestamps)
                 grid = (s.timestamps, prefixes)
             parts.append(f'{{"metric":{_labels_json(s.labels)},"values":[{_points_json(prefixes, s.values)}]}}')
-    return f'{{"resultType":"{rt}","result":[{",".join(parts)}]}}'
+    return f'{{"resultType":"{rt}","result":[{",".join(parts)}]{_stats_json(stats)}}}'
+
+
+def _stats_json(stats: dict | None) -> str:
+    return "" if stats is None else ',"stats":' + json.dumps(stats)
 
 
 def _point_prefixes(ts: np.ndarray) -> list[str]:
@@ -261,6 +266,21 @@ class QueryAPI:
 
     # ---- parameters ----
 
+    def _stats(self, form, res: Result, began: float) -> dict | None:
+        """Prometheus' ``stats`` object when the request asks for it (``stats=all`` or any value).
+
+        Timings are measured around the evaluation as a whole (queue, preparation and sorting
+        are not separate steps here). ``totalQueryableSamples`` counts the samples read from
+        storage; ``peakSamples`` is the engine's ``max_samples`` account: samples read plus the
+        points of intermediate results, an upper bound of what was held at once.
+        """
+        if not self._param(form, "stats"):
+            return None
+        took = time.perf_counter() - began
+        return {"timings": {"evalTotalTime": took, "resultSortTime": 0, "queryPreparationTime": 0,
+                            "innerEvalTime": took, "execQueueTime": 0, "execTotalTime": took},
+                "samples": {"totalQueryableSamples": res.samples, "peakSamples": res.peak_samples}}
+
     def _querier(self, form) -> Querier:
         """The request's querier; ``partial_response=false`` (Thanos' parameter) makes a failing
         bucket fail the request instead of answering from what could be read, with a warning."""
@@ -317,9 +337,11 @@ class QueryAPI:
         except QueryError as e:
             raise _bad("query", str(e)) from None
         q = self._querier(form)
+        began = time.perf_counter()
         res = self._engine.instant(q, expr, t, timeout_s=timeout, lookback_delta_ms=lookback,
                                    cancelled=req.disconnected)
-        return _success(result_json(res), res.warnings + _storage_warnings(q), res.infos)
+        return _success(result_json(res, self._stats(form, res, began)), res.warnings + _storage_warnings(q),
+                        res.infos)
 
     def query_range(self, req: Request) -> Response:
         form = req.form()
@@ -352,9 +374,11 @@ class QueryAPI:
             kind = "range vector" if isinstance(_unparen(ast), pp.MatrixSelector) else "string"
             raise _bad("query", f'invalid expression type "{kind}" for range query, must be Scalar or instant Vector')
         q = self._querier(form)
+        began = time.perf_counter()
         res = self._engine.range(q, expr, start, end, step, timeout_s=timeout,
                                  lookback_delta_ms=lookback, cancelled=req.disconnected)
-        return _success(result_json(res), res.warnings + _storage_warnings(q), res.infos)
+        return _success(result_json(res, self._stats(form, res, began)), res.warnings + _storage_warnings(q),
+                        res.infos)
 
     def _matcher_sets(self, form) -> list[list[Matcher]]:
         sets = []

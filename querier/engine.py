@@ -91,7 +91,8 @@ class EvalContext:
     subquery_step: int
     delayed_name_removal: bool = True
     cancelled: Callable[[], bool] | None = None  # e.g. the client has gone away
-    samples: int = 0
+    samples: int = 0  # samples and points held, what max_samples limits
+    loaded: int = 0  # samples read from storage
     warnings: list[str] = field(default_factory=list)
     infos: list[str] = field(default_factory=list)
 
@@ -155,9 +156,9 @@ class Engine:
         ctx.cancelled = cancelled
         val = finish_names(evaluate(ast, ctx))
         if isinstance(val, Scalar):
-            return Result("scalar", (t_ms, float(val.values[0])), ctx.warnings, ctx.infos)
+            return Result("scalar", (t_ms, float(val.values[0])), ctx.warnings, ctx.infos, ctx.loaded, ctx.samples)
         if isinstance(val, String):
-            return Result("string", (t_ms, val.value), ctx.warnings, ctx.infos)
+            return Result("string", (t_ms, val.value), ctx.warnings, ctx.infos, ctx.loaded, ctx.samples)
         if isinstance(val, RangeVector):
             lo, hi = val.windows()
             out = []
@@ -166,7 +167,7 @@ class Engine:
                 if b > a:
                     out.append(RangeSeries(lbls, val.ts[a:b].copy(), val.values[a:b].copy()))
             out.sort(key=lambda s: s.labels)
-            return Result("matrix", out, ctx.warnings, ctx.infos)
+            return Result("matrix", out, ctx.warnings, ctx.infos, ctx.loaded, ctx.samples)
         rows = [i for i in range(len(val.labels)) if val.present[i, 0]]
         order = _instant_order(ast)
         if order is None:
@@ -176,7 +177,7 @@ class Engine:
             desc = order == "desc"
             # NaN sorts last either way, as Prometheus' sort functions do.
             rows.sort(key=lambda i: (np.isnan(vals[i]), -vals[i] if desc else vals[i]))
-        return Result("vector", [Sample(val.labels[i], t_ms, float(val.values[i, 0])) for i in rows], ctx.warnings, ctx.infos)
+        return Result("vector", [Sample(val.labels[i], t_ms, float(val.values[i, 0])) for i in rows], ctx.warnings, ctx.infos, ctx.loaded, ctx.samples)
 
     def range(self, querier: Querier, expr: str, start_ms: int, end_ms: int, step_ms: int, *,
               timeout_s: float | None = None, lookback_delta_ms: int | None = None,
@@ -196,7 +197,7 @@ class Engine:
         if isinstance(val, String):
             raise ExecutionError('invalid expression type "string" for range query, must be Scalar or instant Vector')
         if isinstance(val, Scalar):
-            return Result("matrix", [RangeSeries(Labels(), steps.copy(), val.values.copy())], ctx.warnings, ctx.infos)
+            return Result("matrix", [RangeSeries(Labels(), steps.copy(), val.values.copy())], ctx.warnings, ctx.infos, ctx.loaded, ctx.samples)
         val = merge_same_labels(val, _DUP)
         out = []
         for i, lbls in enumerate(val.labels):
@@ -204,7 +205,7 @@ class Engine:
             if p.any():
                 out.append(RangeSeries(lbls, steps[p], val.values[i][p]))
         out.sort(key=lambda s: s.labels)
-        return Result("matrix", out, ctx.warnings, ctx.infos)
+        return Result("matrix", out, ctx.warnings, ctx.infos, ctx.loaded, ctx.samples)
 
     def _context(self, querier: Querier, steps: np.ndarray, start: int, end: int, interval: int,
                  timeout_s: float | None, lookback_delta_ms: int | None) -> EvalContext:
@@ -328,6 +329,7 @@ def select(ctx: EvalContext, vs: pp.VectorSelector, mint: int, maxt: int, range_
         else:
             ts, vals = np.zeros(0, dtype=np.int64), np.zeros(0)
     ctx.account(len(ts))
+    ctx.loaded += len(ts)
     ctx.check()
     return Selection(labels, ts, vals, offsets)
 

@@ -244,3 +244,5 @@ class Result:
     data: object
     warnings: list[str] = field(default_factory=list)
     infos: list[str] = field(default_factory=list)
+    samples: int = 0  # samples read from storage
+    peak_samples: int = 0  # samples and points the evaluation held (what ``max_samples`` limits)

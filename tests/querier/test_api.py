@@ -287,3 +287,18 @@ def test_matrix_json_with_shared_and_different_timestamps():
         {"metric": {"a": "1"}, "values": [[1, "1"], [2.5, "0.5"], [4, "NaN"]]},
         {"metric": {"a": "2"}, "values": [[1, "2"], [2.5, "-0"], [4, "1000000000000000000000"]]},
         {"metric": {"a": "3"}, "values": [[2.5, "3"], [4, "4"]]}]}
+
+
+def test_stats_parameter(api):
+    _, body = call(api, "/api/v1/query", [("query", "up"), ("time", "1700000000")])
+    assert "stats" not in body["data"]
+    status, body = call(api, "/api/v1/query_range", [("query", "up"), ("start", "1699999940"), ("end", "1700000000"),
+                                                     ("step", "60"), ("stats", "all")])
+    assert status == 200
+    st = body["data"]["stats"]
+    # up: two series with samples at -60 s and 0 s: 4 samples read; the selector's result holds
+    # 2 series x 2 steps = 4 points more.
+    assert st["samples"] == {"totalQueryableSamples": 4, "peakSamples": 8}
+    assert set(st["timings"]) == {"evalTotalTime", "resultSortTime", "queryPreparationTime", "innerEvalTime",
+                                  "execQueueTime", "execTotalTime"}
+    assert len(body["data"]["result"]) == 2
