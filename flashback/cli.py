@@ -62,6 +62,12 @@ def cmd_promqltest(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_bucket(args: argparse.Namespace) -> int:
+    from compactor import bucketcli
+
+    return bucketcli.run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="flashback", description="Prometheus-compatible remote storage.")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -76,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     pt.add_argument("-v", "--verbose", action="store_true", help="also list passed evals")
     pt.add_argument("--timeout", type=float, default=60.0, help="per-eval timeout in seconds")
     pt.set_defaults(func=cmd_promqltest)
+    bk = sub.add_parser("bucket", help="inspect, verify and apply retention to the blocks in a bucket")
+    from compactor import bucketcli
+
+    bucketcli.configure_parser(bk)
+    bk.set_defaults(func=cmd_bucket)
     args = p.parse_args(argv)
     _setup_logging(args.log_level)
     return args.func(args)

@@ -116,3 +116,17 @@ class TruncatedBlock(CorruptBlock):
 
 class UnsupportedBlockVersion(BlockError, UnsupportedVersion):
     """A block whose ``meta.json`` or files declare a format or version this reader does not know."""
+
+
+class DeletionMarkError(BlockError):
+    """A block's ``deletion-mark.json`` exists but cannot be used; the block is not deleted on its
+    account (see ``store/docs/format/deletion-mark.md``)."""
+
+
+class CorruptDeletionMark(DeletionMarkError, ValueError):
+    """A ``deletion-mark.json`` that is not valid JSON, lacks a field, has a field of the wrong type,
+    or names another block."""
+
+
+class UnsupportedDeletionMarkVersion(DeletionMarkError, UnsupportedVersion):
+    """A ``deletion-mark.json`` whose ``version`` this reader does not know (it knows 1)."""
