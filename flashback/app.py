@@ -13,9 +13,12 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from adapter.remote_read import RemoteReadHandler
 from adapter.remote_write import RemoteWriteHandler
+from compactor.compactor import Compactor
 from flashback.config import Options
 from querier.api import QueryAPI, ServerInfo
 from querier.engine import Engine
+from querier.tiered import BucketBlocks, TieredQuerier
+from store.bucket import MetricsBucket, RetryingBucket, bucket_from_config
 from store.db import DB
 from store.httpserver import HTTPServer, Request, Response, Router
 
@@ -31,9 +34,21 @@ class App:
         self._ready = False
         os.makedirs(options.data_dir, exist_ok=True)
         self.db = DB.open(options.data_dir, options.db, registry=self.registry)
+        self.bucket = MetricsBucket(RetryingBucket(bucket_from_config(options.bucket_config())), self.registry)
+        blocks = BucketBlocks(self.bucket)
+
+        def querier() -> TieredQuerier:
+            return TieredQuerier(self.db.head, blocks)
+
+        self.compactor: Compactor | None = None
+        if options.compactor.enabled:
+            self.compactor = Compactor(self.db.head, self.bucket, window_ms=options.compactor.window_ms,
+                                       grace_ms=options.compactor.grace_ms, levels=options.compactor.levels,
+                                       on_persisted=self.db.persisted,
+                                       registry=self.registry)
         router = Router()
         RemoteWriteHandler(self.db.append, max_body_bytes=options.max_body_bytes).route(router)
-        RemoteReadHandler(lambda: self.db.head, registry=self.registry).route(router)
+        RemoteReadHandler(querier, registry=self.registry).route(router)
         engine = Engine(lookback_delta_ms=options.query.lookback_delta_ms, max_samples=options.query.max_samples,
                         timeout_s=options.query.timeout_s,
                         # Prometheus 3's server default (the promql-delayed-name-removal flag off).
@@ -43,7 +58,7 @@ class App:
                                  "data-dir": options.data_dir},
                           start_time=time.time(), cwd=os.getcwd(),
                           tsdb_stats=lambda limit: self.db.head.tsdb_stats(limit))
-        router.include(QueryAPI(lambda: self.db.head, engine, time.time, info).router())
+        router.include(QueryAPI(querier, engine, time.time, info).router())
         router.route("/metrics", self._metrics, name="metrics")
         router.route("/-/healthy", lambda _: Response(200, b"Flashback is Healthy.\n"), ("GET", "HEAD"),
                      name="healthy")
@@ -64,6 +79,8 @@ class App:
 
     def start(self) -> None:
         self.db.start()
+        if self.compactor is not None:
+            self.compactor.start(self.options.compactor.interval_s)
         self.server.start()
         self._ready = True
         host, port = self.address
@@ -72,4 +89,7 @@ class App:
     def close(self) -> None:
         self._ready = False
         self.server.close()
+        if self.compactor is not None:
+            self.compactor.close()
         self.db.close()
+        self.bucket.close()

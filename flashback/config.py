@@ -18,6 +18,7 @@ Example (every key optional; these are the defaults)::
       window: 28h                  # head windows become level-1 blocks once closed
       grace: 1h                    # how long after its end a window may still get late samples
       interval: 1m                 # how often the compactor looks for work
+      levels: [1, 6, 24]           # windows per block at each compaction level (28h, 7d, 28d)
     wal:
       checkpoint_interval: 5m
     remote_write:
@@ -77,6 +78,7 @@ class CompactorOptions:
     window_ms: int = 28 * 3_600_000
     grace_ms: int = 3_600_000
     interval_s: float = 60.0
+    levels: tuple[int, ...] = (1, 6, 24)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,14 +146,21 @@ def load(path: str | None, *, listen: str | None = None, data_dir: str | None = 
         except BucketConfigError as e:
             raise ConfigError(f"bucket: {e}") from None
     _unknown(head, {"chunk_range", "out_of_bounds_window", "max_ahead", "name_validation", "retention"}, "head")
-    _unknown(comp, {"enabled", "window", "grace", "interval"}, "compactor")
+    _unknown(comp, {"enabled", "window", "grace", "interval", "levels"}, "compactor")
+    levels = comp.get("levels", [1, 6, 24])
+    if (not isinstance(levels, list) or not levels or levels[0] != 1
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in levels)
+            or any(b <= a or b % a for a, b in zip(levels, levels[1:]))):
+        raise ConfigError("compactor.levels: expected a list of window counts starting with 1, each a multiple "
+                          "of the one before (e.g. [1, 6, 24])")
     if not isinstance(comp.get("enabled", True), bool):
         raise ConfigError("compactor.enabled: expected true or false")
     compactor = CompactorOptions(
         enabled=comp.get("enabled", True),
         window_ms=parse_duration_ms(comp.get("window", "28h"), "compactor.window"),
         grace_ms=parse_duration_ms(comp.get("grace", "1h"), "compactor.grace"),
-        interval_s=parse_duration_ms(comp.get("interval", "1m"), "compactor.interval") / 1000)
+        interval_s=parse_duration_ms(comp.get("interval", "1m"), "compactor.interval") / 1000,
+        levels=tuple(levels))
     if compactor.window_ms <= 0 or compactor.interval_s <= 0:
         raise ConfigError("compactor: window and interval must be positive")
     _unknown(wal, {"checkpoint_interval"}, "wal")

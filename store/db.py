@@ -135,6 +135,9 @@ class DB:
         """Drops persisted head data older than the retention, then checkpoints so that a restart
         does not replay it; returns the number of series removed."""
         before = min(self._persisted_through, int(self._now() * 1000) - self.options.retention_ms)
+        # Like Prometheus, truncate at chunk-range boundaries: a rebuild per boundary, not per call.
+        rng = self.options.head.chunk_range_ms
+        before = before // rng * rng
         if before <= self._truncated_before:
             return 0
         with self._apply_lock:
@@ -153,8 +156,10 @@ class DB:
         while not self._stop.wait(self.options.checkpoint_interval_s):
             try:
                 self.truncate_expired()
+                before = self._checkpointed
                 seq = self.checkpoint()
-                log.info("checkpoint written", extra={"seq": seq})
+                if seq != before:
+                    log.info("checkpoint written", extra={"seq": seq})
             except Exception:
                 log.exception("checkpoint")
 

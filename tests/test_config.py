@@ -35,6 +35,7 @@ def test_bucket_and_compactor_settings(tmp_path):
     assert o.bucket_config()["type"] == "S3" and not o.compactor.enabled
     assert (o.compactor.window_ms, o.compactor.grace_ms, o.compactor.interval_s) == (7200_000, 300_000, 10.0)
     assert o.db.retention_ms == 3 * 3600_000
+    assert load(None).compactor.levels == (1, 6, 24)
 
 
 def test_file_and_flag_overrides(tmp_path):
@@ -54,6 +55,8 @@ def test_file_and_flag_overrides(tmp_path):
     ("compactor: {window: 0s}\n", "window and interval must be positive"),
     ("compactor: {enabled: maybe}\n", "compactor.enabled: expected true or false"),
     ("compactor: {speed: 1}\n", "compactor: unknown key(s) speed"),
+    ("compactor: {levels: [2, 4]}\n", "compactor.levels: expected a list"),
+    ("compactor: {levels: [1, 4, 6]}\n", "compactor.levels: expected a list"),
     ("head: {colour: red}\n", "head: unknown key(s) colour"),
     ("head: {name_validation: ascii}\n", "name_validation must be utf8 or legacy"),
     ("listen: nowhere\n", "is not HOST:PORT"),
