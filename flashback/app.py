@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 import time
 
 import yaml
@@ -14,6 +15,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from adapter.remote_read import RemoteReadHandler
 from adapter.remote_write import RemoteWriteHandler
 from compactor.compactor import Compactor
+from compactor.retention import RetentionKeeper, RetentionMetrics, RetentionOptions
 from flashback.config import Options
 from querier.api import QueryAPI, ServerInfo
 from querier.engine import Engine
@@ -41,6 +43,13 @@ class App:
             return TieredQuerier(self.db.head, blocks)
 
         self.compactor: Compactor | None = None
+        self.retention: RetentionKeeper | None = None
+        self._stop = threading.Event()
+        self._retention_thread: threading.Thread | None = None
+        if options.compactor.enabled and options.compactor.retention_ms:
+            self.retention = RetentionKeeper(self.bucket, RetentionOptions(
+                dict(options.compactor.retention_ms), delete_delay_s=options.compactor.delete_delay_s),
+                metrics=RetentionMetrics(self.registry))
         if options.compactor.enabled:
             self.compactor = Compactor(self.db.head, self.bucket, window_ms=options.compactor.window_ms,
                                        grace_ms=options.compactor.grace_ms, levels=options.compactor.levels,
@@ -65,6 +74,14 @@ class App:
         router.route("/-/ready", self._readiness, ("GET", "HEAD"), name="ready")
         self.server = HTTPServer(router, options.listen_host, options.listen_port, self.registry)
 
+    def _retention_loop(self) -> None:
+        """Retention beside the compactor, at its interval (failures are logged and retried)."""
+        while not self._stop.wait(self.options.compactor.interval_s):
+            try:
+                self.retention.run(int(time.time() * 1000))
+            except Exception:
+                log.exception("retention run failed")
+
     def _metrics(self, _: Request) -> Response:
         return Response(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
 
@@ -81,6 +98,9 @@ class App:
         self.db.start()
         if self.compactor is not None:
             self.compactor.start(self.options.compactor.interval_s)
+        if self.retention is not None:
+            self._retention_thread = threading.Thread(target=self._retention_loop, name="retention", daemon=True)
+            self._retention_thread.start()
         self.server.start()
         self._ready = True
         host, port = self.address
@@ -89,6 +109,9 @@ class App:
     def close(self) -> None:
         self._ready = False
         self.server.close()
+        self._stop.set()
+        if self._retention_thread is not None:
+            self._retention_thread.join()
         if self.compactor is not None:
             self.compactor.close()
         self.db.close()

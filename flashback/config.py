@@ -19,6 +19,8 @@ Example (every key optional; these are the defaults)::
       grace: 1h                    # how long after its end a window may still get late samples
       interval: 1m                 # how often the compactor looks for work
       levels: [1, 6, 24]           # windows per block at each compaction level (28h, 7d, 28d)
+      retention: {}                # per resolution, e.g. {raw: 90d, 5m: 1y}; none: keep forever
+      delete_delay: 48h            # how long a block marked for deletion stays readable
     wal:
       checkpoint_interval: 5m
     remote_write:
@@ -45,6 +47,7 @@ class ConfigError(ValueError):
 
 
 _DURATION = re.compile(r"(\d+)(ms|s|m|h|d|w|y)")
+_RESOLUTIONS = {"raw": 0, "5m": 300_000, "1h": 3_600_000}
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000,
             "y": 31_536_000_000}
 
@@ -79,6 +82,8 @@ class CompactorOptions:
     grace_ms: int = 3_600_000
     interval_s: float = 60.0
     levels: tuple[int, ...] = (1, 6, 24)
+    retention_ms: tuple[tuple[int, int], ...] = ()  # (resolution ms, retention ms); empty: keep forever
+    delete_delay_s: float = 48 * 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +151,15 @@ def load(path: str | None, *, listen: str | None = None, data_dir: str | None = 
         except BucketConfigError as e:
             raise ConfigError(f"bucket: {e}") from None
     _unknown(head, {"chunk_range", "out_of_bounds_window", "max_ahead", "name_validation", "retention"}, "head")
-    _unknown(comp, {"enabled", "window", "grace", "interval", "levels"}, "compactor")
+    _unknown(comp, {"enabled", "window", "grace", "interval", "levels", "retention", "delete_delay"}, "compactor")
+    ret = comp.get("retention") or {}
+    if not isinstance(ret, dict):
+        raise ConfigError("compactor.retention: expected a mapping of resolution (raw, 5m, 1h) to a duration")
+    _unknown(ret, set(_RESOLUTIONS), "compactor.retention")
+    retention = tuple(sorted((_RESOLUTIONS[k], parse_duration_ms(v, f"compactor.retention.{k}"))
+                             for k, v in ret.items()))
+    if any(ms <= 0 for _, ms in retention):
+        raise ConfigError("compactor.retention: durations must be positive")
     levels = comp.get("levels", [1, 6, 24])
     if (not isinstance(levels, list) or not levels or levels[0] != 1
             or not all(isinstance(x, int) and not isinstance(x, bool) for x in levels)
@@ -160,7 +173,8 @@ def load(path: str | None, *, listen: str | None = None, data_dir: str | None = 
         window_ms=parse_duration_ms(comp.get("window", "28h"), "compactor.window"),
         grace_ms=parse_duration_ms(comp.get("grace", "1h"), "compactor.grace"),
         interval_s=parse_duration_ms(comp.get("interval", "1m"), "compactor.interval") / 1000,
-        levels=tuple(levels))
+        levels=tuple(levels), retention_ms=retention,
+        delete_delay_s=parse_duration_ms(comp.get("delete_delay", "48h"), "compactor.delete_delay") / 1000)
     if compactor.window_ms <= 0 or compactor.interval_s <= 0:
         raise ConfigError("compactor: window and interval must be positive")
     _unknown(wal, {"checkpoint_interval"}, "wal")

@@ -35,7 +35,11 @@ def test_bucket_and_compactor_settings(tmp_path):
     assert o.bucket_config()["type"] == "S3" and not o.compactor.enabled
     assert (o.compactor.window_ms, o.compactor.grace_ms, o.compactor.interval_s) == (7200_000, 300_000, 10.0)
     assert o.db.retention_ms == 3 * 3600_000
-    assert load(None).compactor.levels == (1, 6, 24)
+    assert load(None).compactor.levels == (1, 6, 24) and load(None).compactor.retention_ms == ()
+    p.write_text("compactor: {retention: {raw: 30d, 1h: 1y}, delete_delay: 1h}\n")
+    o = load(str(p))
+    assert o.compactor.retention_ms == ((0, 30 * 86_400_000), (3_600_000, 31_536_000_000))
+    assert o.compactor.delete_delay_s == 3600
 
 
 def test_file_and_flag_overrides(tmp_path):
@@ -56,6 +60,9 @@ def test_file_and_flag_overrides(tmp_path):
     ("compactor: {enabled: maybe}\n", "compactor.enabled: expected true or false"),
     ("compactor: {speed: 1}\n", "compactor: unknown key(s) speed"),
     ("compactor: {levels: [2, 4]}\n", "compactor.levels: expected a list"),
+    ("compactor: {retention: {raw: 0s}}\n", "durations must be positive"),
+    ("compactor: {retention: {2h: 1d}}\n", "compactor.retention: unknown key(s) 2h"),
+    ("compactor: {retention: 30d}\n", "compactor.retention: expected a mapping"),
     ("compactor: {levels: [1, 4, 6]}\n", "compactor.levels: expected a list"),
     ("head: {colour: red}\n", "head: unknown key(s) colour"),
     ("head: {name_validation: ascii}\n", "name_validation must be utf8 or legacy"),
