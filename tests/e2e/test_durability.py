@@ -13,7 +13,8 @@ SERIES_PER_REQUEST = 50
 
 
 def _writer(port: int, w: int, stop: threading.Event, acked: list, errors: list) -> None:
-    t = 1_700_000_000_000
+    # Recent timestamps: the compactor persists (and then refuses) windows that closed long ago.
+    t = int(time.time() * 1000) - 600_000
     i = 0
     while not stop.is_set():
         t += 1000
@@ -50,8 +51,8 @@ def test_acknowledged_samples_survive_kill_9(tmp_path):
             assert not errors, errors[:3]
             assert len(acked) > 20, "the load generator got too few acknowledgements to prove anything"
             fb.start()
-            doc = get_json(fb.port, "/api/v1/query", {"query": 'durable{w=~"%s"}[1d]' % "|".join(
-                str(w + 10 * rnd) for w in range(WRITERS)), "time": 1_700_086_400})
+            doc = get_json(fb.port, "/api/v1/query", {"query": 'durable{w=~"%s"}[3h]' % "|".join(
+                str(w + 10 * rnd) for w in range(WRITERS)), "time": time.time() + 3600})
             stored = {}
             for s in doc["data"]["result"]:
                 for t, v in s["values"]:
