@@ -122,3 +122,22 @@ def test_an_unlistable_bucket_leaves_the_head_answering(tmp_path, everything):
     q = TieredQuerier(head, BucketBlocks(Unlistable(tmp_path / "b")))
     assert len(q.select([Matcher(MatchType.EQ, "__name__", "a")], MIN, MAX)) == 1
     assert q.warnings == ["partial response: listing the bucket failed: bucket: list: timeout"]
+
+
+def test_corrupt_and_incomplete_blocks_do_not_break_queries(tmp_path, everything):
+    bucket = FilesystemBucket(tmp_path / "b")
+    bad = _block(bucket, 0, 3600_000)
+    gone = _block(bucket, 3600_000, 2 * 3600_000)
+    data = tmp_path / "b" / bad.ulid / "data.parquet"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 3] ^= 0xFF  # a flipped byte inside the column data
+    data.write_bytes(bytes(raw))
+    (tmp_path / "b" / gone.ulid / "meta.json").unlink()  # an upload that never finished
+    head = _head(everything[everything >= 2 * 3600_000])
+    q = TieredQuerier(head, BucketBlocks(bucket))
+    series = q.select([Matcher(MatchType.EQ, "__name__", "a")], MIN, MAX)
+    ts = series[0].samples()[0]
+    assert ts[0] == 2 * 3600_000  # the head's part; the corrupt block is skipped, the incomplete one unseen
+    assert len(q.warnings) == 1 and bad.ulid in q.warnings[0]
+    assert sorted((tmp_path / "b").iterdir())  # nothing was deleted
+    assert data.exists()
