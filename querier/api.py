@@ -25,6 +25,7 @@ import promql_parser as pp
 
 from querier import astjson
 from querier.aggregations import format_value
+from querier.cluster import ShardUnavailable
 from querier.engine import Engine, parse, selector_matchers
 from querier.errors import QueryError
 from querier.values import Result
@@ -258,7 +259,7 @@ class QueryAPI:
                 return _error_response(e.error_type, str(e))
             except QueryError as e:
                 return _error_response(e.error_type, str(e))
-            except BucketError as e:  # a bucket failure the request asked not to tolerate
+            except (BucketError, ShardUnavailable) as e:  # failures the request asked not to tolerate
                 return _error_response("unavailable", str(e))
             except StorageError as e:
                 return _error_response("internal", str(e))

@@ -1,0 +1,136 @@
+"""Cluster mode's read path: one healthy head replica per shard, merged into one ``Querier``.
+
+Every shard's replicas hold the same data (they apply the same log in order), so a query reads
+each shard from one replica: the last one that answered, else the next in the topology's
+order. A replica that fails (unreachable, timeout, not ready) is skipped for ``cooldown_s`` and
+the query goes to the shard's next replica. Only when every replica of a shard fails does the
+query fail (``ShardUnavailable``) -- or, with ``partial_response``, answer from the other
+shards with a warning. Shards are read concurrently; their series are disjoint, but a series
+seen in two shards (a topology change) is merged like the tiers are.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Protocol, Sequence
+
+from querier.tiered import merge_series
+from store.errors import StorageError
+from store.labels import Labels
+from store.matchers import Matcher
+from store.storage import Querier, SelectHints, Series
+
+log = logging.getLogger(__name__)
+
+
+class ShardUnavailable(StorageError):
+    """No replica of a shard could answer; retrying later may help."""
+
+
+class ReplicaClient(Querier, Protocol):
+    """A head replica as the querier sees it (``store.headrpc.RemoteHead``)."""
+
+    def status(self) -> dict: ...
+
+
+class ShardReplicas:
+    """The replicas of one shard, with the memory of which answered last and which failed."""
+
+    def __init__(self, name: str, replicas: Sequence[tuple[str, ReplicaClient]], cooldown_s: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if not replicas:
+            raise ValueError(f"shard {name}: no replicas")
+        self.name = name
+        self.replicas = list(replicas)
+        self._cooldown_s = cooldown_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._preferred = 0
+        self._failed_until: dict[int, float] = {}
+
+    def _order(self) -> list[int]:
+        now = self._clock()
+        with self._lock:
+            start = self._preferred
+            failed = {i for i, t in self._failed_until.items() if t > now}
+        order = [(start + k) % len(self.replicas) for k in range(len(self.replicas))]
+        # Replicas in their cooldown go last, not away: when all failed recently, still try them.
+        return [i for i in order if i not in failed] + [i for i in order if i in failed]
+
+    def call(self, fn: Callable[[ReplicaClient], object]) -> object:
+        """``fn`` on one replica, falling back to the others in turn."""
+        errors = []
+        for i in self._order():
+            name, client = self.replicas[i]
+            try:
+                out = fn(client)
+            except StorageError as e:
+                errors.append(f"{name}: {e}")
+                log.warning("replica failed, trying the next", extra={"shard": self.name, "replica": name,
+                                                                      "err": str(e)})
+                with self._lock:
+                    self._failed_until[i] = self._clock() + self._cooldown_s
+                continue
+            with self._lock:
+                self._preferred = i
+                self._failed_until.pop(i, None)
+            return out
+        raise ShardUnavailable(f"shard {self.name}: no replica answered ({'; '.join(errors)})")
+
+
+class ShardedQuerier:
+    """All shards of a cluster as one ``Querier`` for one request; collects ``warnings``."""
+
+    def __init__(self, shards: Sequence[ShardReplicas], pool: ThreadPoolExecutor, *,
+                 partial_response: bool = False) -> None:
+        self._shards = list(shards)
+        self._pool = pool
+        self.partial_response = partial_response
+        self.warnings: list[str] = []
+
+    def _all(self, fn: Callable[[ReplicaClient], list]) -> list[list]:
+        futures = [self._pool.submit(s.call, fn) for s in self._shards]
+        out = []
+        for f in futures:
+            try:
+                out.append(f.result())
+            except ShardUnavailable as e:
+                if not self.partial_response:
+                    raise
+                self.warnings.append(f"partial response: {e}")
+        return out
+
+    def select(self, matchers: Sequence[Matcher], mint: int, maxt: int,
+               hints: SelectHints | None = None) -> list[Series]:
+        results = self._all(lambda c: c.select(matchers, mint, maxt, hints))
+        if len(results) == 1:
+            return results[0]
+        parts: dict[Labels, list[Series]] = {}
+        for res in results:
+            for s in res:
+                parts.setdefault(s.labels, []).append(s)
+        return [merge_series(parts[lb]) for lb in sorted(parts)]
+
+    def label_names(self, matchers: Sequence[Matcher], mint: int, maxt: int) -> list[str]:
+        return sorted({n for res in self._all(lambda c: c.label_names(matchers, mint, maxt)) for n in res})
+
+    def label_values(self, name: str, matchers: Sequence[Matcher], mint: int, maxt: int) -> list[str]:
+        return sorted({v for res in self._all(lambda c: c.label_values(name, matchers, mint, maxt)) for v in res})
+
+
+def cluster_status(shards: Sequence[ShardReplicas], pool: ThreadPoolExecutor) -> list[dict]:
+    """Every shard's replicas with their health and replication lag (``/api/v1/status/cluster``)."""
+
+    def one(name: str, client: ReplicaClient) -> dict:
+        try:
+            st = dict(client.status())
+            st.update(name=name, healthy=True)
+            return st
+        except StorageError as e:
+            return {"name": name, "healthy": False, "error": str(e)}
+
+    futures = [[pool.submit(one, n, c) for n, c in s.replicas] for s in shards]
+    return [{"shard": s.name, "replicas": [f.result() for f in fs]} for s, fs in zip(shards, futures)]

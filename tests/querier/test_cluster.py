@@ -1,0 +1,106 @@
+"""The cluster read path: one replica per shard, fallback to the next, merged shards."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from querier.cluster import ShardedQuerier, ShardReplicas, ShardUnavailable, cluster_status
+from querier.engine import Engine
+from store.errors import StorageError
+from store.head import Head, HeadOptions
+from store.matchers import Matcher, MatchType
+from store.topology import shard_of
+from store.labels import Labels
+from store.writerequest import decode, encode
+
+MIN, MAX = -(2**63), 2**63 - 1
+ALL = [Matcher(MatchType.RE, "__name__", ".+")]
+
+
+class Replica:
+    """A head replica stand-in: a real Head that can be switched off."""
+
+    def __init__(self, head: Head, name: str) -> None:
+        self.head, self.name, self.down, self.calls = head, name, False, 0
+
+    def _check(self):
+        self.calls += 1
+        if self.down:
+            raise StorageError(f"replica {self.name}: connection refused")
+
+    def select(self, *a):
+        self._check()
+        return self.head.select(*a)
+
+    def label_names(self, *a):
+        self._check()
+        return self.head.label_names(*a)
+
+    def label_values(self, *a):
+        self._check()
+        return self.head.label_values(*a)
+
+    def status(self):
+        self._check()
+        return {"applied": 7, "lag": 0}
+
+
+def _series(n: int):
+    return [([("__name__", "m"), ("i", str(i))], [(1000 * t, float(i * 100 + t)) for t in range(10)]) for i in range(n)]
+
+
+def _heads(n_shards: int, series):
+    """Per shard, the series whose id maps to it (as the adapter routes them)."""
+    parts = [[] for _ in range(n_shards)]
+    for lb, pts in series:
+        parts[shard_of(Labels.from_pairs(lb).hash(), n_shards)].append((lb, pts))
+    heads = []
+    for part in parts:
+        h = Head(HeadOptions(out_of_bounds_window_ms=2**62, max_ahead_ms=2**62))
+        h.append(decode(encode(part)), 10_000)
+        heads.append(h)
+    return heads
+
+
+@pytest.fixture
+def pool():
+    with ThreadPoolExecutor(4) as p:
+        yield p
+
+
+def test_sharded_answers_equal_a_single_head_and_fall_back(pool):
+    series = _series(30)
+    single = _heads(1, series)[0]
+    heads = _heads(3, series)
+    assert all(h.num_series() for h in heads)  # every shard got some
+    shards = [ShardReplicas(f"s{k}", [(f"r{j}", Replica(h, f"s{k}r{j}")) for j in range(3)]) for k, h in enumerate(heads)]
+    eng = Engine()
+    want = eng.range(single, "sum(m) + on() group_left count(m)", 0, 9000, 1000)
+    q = ShardedQuerier(shards, pool)
+    got = eng.range(q, "sum(m) + on() group_left count(m)", 0, 9000, 1000)
+    assert [(s.labels, s.values.tolist()) for s in got.data] == [(s.labels, s.values.tolist()) for s in want.data]
+    assert [s.labels for s in q.select(ALL, MIN, MAX)] == [s.labels for s in single.select(ALL, MIN, MAX)]
+    # The first replica of shard 0 goes down: the next answers, and stays preferred.
+    r0 = shards[0].replicas[0][1]
+    r0.down = True
+    assert q.label_values("i", [], MIN, MAX) == single.label_values("i", [], MIN, MAX)
+    before = r0.calls
+    q.label_names([], MIN, MAX)
+    assert r0.calls == before  # in its cooldown, not asked first
+
+
+def test_a_shard_with_no_replica_fails_the_query_or_warns(pool):
+    heads = _heads(2, _series(10))
+    shards = [ShardReplicas(f"s{k}", [(f"r{j}", Replica(h, f"s{k}r{j}")) for j in range(2)]) for k, h in enumerate(heads)]
+    for _, r in shards[1].replicas:
+        r.down = True
+    with pytest.raises(ShardUnavailable, match="shard s1: no replica answered"):
+        ShardedQuerier(shards, pool).select(ALL, MIN, MAX)
+    q = ShardedQuerier(shards, pool, partial_response=True)
+    assert len(q.select(ALL, MIN, MAX)) == heads[0].num_series()
+    assert q.warnings and "shard s1" in q.warnings[0]
+    st = cluster_status(shards, pool)
+    assert st[0]["replicas"][0] == {"applied": 7, "lag": 0, "name": "r0", "healthy": True}
+    assert st[1]["replicas"][1]["healthy"] is False and "connection refused" in st[1]["replicas"][1]["error"]
