@@ -3,9 +3,15 @@
 Every write is one log record (format below) applied to the head in log order,
 so replaying records from the last checkpoint rebuilds the same head, the same
 rejections included. The record keeps the writer's clock, because what counts
-as "too far in the future" depends on it. Record format (version 1)::
+as "too far in the future" depends on it. Record formats::
 
-    u8 version=1 | i64 little-endian now_ms | snappy block-compressed WriteRequest
+    write (version 1):     u8 1    | i64 little-endian now_ms | snappy block-compressed WriteRequest
+    persisted (kind 0x80): u8 0x80 | i64 little-endian through_ms
+
+A *persisted* record says that every sample before ``through_ms`` is in the bucket: from that
+point in the log on, the head rejects appends older than it (``Head.set_min_valid_time``). In
+cluster mode a shard's compactor publishes it into the shard's log, so that every replica
+applies it at the same position and replicas keep rejecting exactly the same samples.
 
 Periodically, and on close, the head is checkpointed together with the last
 applied sequence; the log is then truncated through it, which bounds replay.
@@ -34,10 +40,34 @@ log = logging.getLogger(__name__)
 INT64_MIN = -(2**63)
 
 RECORD_VERSION = 1
+RECORD_PERSISTED = 0x80
 
 
 def encode_record(now_ms: int, snappy_body: bytes) -> bytes:
     return struct.pack("<Bq", RECORD_VERSION, now_ms) + snappy_body
+
+
+def encode_persisted(through_ms: int) -> bytes:
+    """A record saying every sample before ``through_ms`` is in the bucket."""
+    return struct.pack("<Bq", RECORD_PERSISTED, through_ms)
+
+
+def persisted_through(record: bytes) -> int | None:
+    """``through_ms`` of a persisted record; None for any other record."""
+    if len(record) == 9 and record[0] == RECORD_PERSISTED:
+        return struct.unpack_from("<q", record, 1)[0]
+    return None
+
+
+def apply_record(head: Head, record: bytes) -> AppendResult | None:
+    """Applies one log record to ``head`` (replay and replicas): a write's samples, or a persisted
+    watermark (returns None). Raises UnsupportedVersion or DecodeError for records it cannot read."""
+    through = persisted_through(record)
+    if through is not None:
+        head.set_min_valid_time(through)
+        return None
+    now_ms, body = decode_record(record)
+    return head.append(writerequest.decode(cramjam.snappy.decompress_raw(body).read()), now_ms)
 
 
 def decode_record(record: bytes) -> tuple[int, bytes]:
@@ -90,8 +120,7 @@ class DB:
         head.load_checkpoint(items)
         replayed = 0
         for rseq, record in wal.replay(seq):
-            now_ms, body = decode_record(record)
-            head.append(writerequest.decode(cramjam.snappy.decompress_raw(body).read()), now_ms)
+            apply_record(head, record)
             replayed += 1
         db = cls(head, wal, options, now)
         db._checkpointed = seq

@@ -5,7 +5,7 @@ from __future__ import annotations
 import cramjam
 
 from store.db import DB, DBOptions
-from store.head import HeadOptions
+from store.head import Head, HeadOptions
 from store.matchers import Matcher, MatchType
 from store.writerequest import decode
 from tests import prompb_ref
@@ -53,3 +53,15 @@ def test_truncation_waits_for_retention(tmp_path):
     db.truncate_expired()  # before = min(28 h, 30 h - 28 h) = 2 h: only what is older than 2 h may go
     assert max(_times(db, "m")) == 28 * HOUR and 2 * HOUR in _times(db, "m")
     db.close()
+
+
+def test_persisted_record_moves_the_min_valid_time_in_log_order():
+    from store.db import apply_record, encode_persisted, encode_record, persisted_through
+
+    head = Head(HeadOptions(out_of_bounds_window_ms=2**62, max_ahead_ms=2**62))
+    body = prompb_ref.write_request([([("__name__", "m")], [(500, 1.0)])])
+    write = encode_record(10_000, bytes(cramjam.snappy.compress_raw(body)))
+    assert persisted_through(write) is None and persisted_through(encode_persisted(1000)) == 1000
+    assert apply_record(head, encode_persisted(1000)) is None
+    res = apply_record(head, write)  # 500 < 1000: out of bounds on every replica alike
+    assert res.appended == 0 and res.rejected["out_of_bounds"][0] == 1
