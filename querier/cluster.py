@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Protocol, Sequence
 
 from querier.tiered import merge_series
-from store.errors import StorageError
+from store.errors import ReplicaError, StorageError
 from store.labels import Labels
 from store.matchers import Matcher
 from store.storage import Querier, SelectHints, Series
@@ -67,7 +67,7 @@ class ShardReplicas:
             name, client = self.replicas[i]
             try:
                 out = fn(client)
-            except StorageError as e:
+            except ReplicaError as e:  # not e.g. InvalidMatcher: another replica would say the same
                 errors.append(f"{name}: {e}")
                 log.warning("replica failed, trying the next", extra={"shard": self.name, "replica": name,
                                                                       "err": str(e)})

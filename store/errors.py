@@ -130,3 +130,22 @@ class CorruptDeletionMark(DeletionMarkError, ValueError):
 
 class UnsupportedDeletionMarkVersion(DeletionMarkError, UnsupportedVersion):
     """A ``deletion-mark.json`` whose ``version`` this reader does not know (it knows 1)."""
+
+
+class CheckpointMismatch(WALError):
+    """A head replica's local checkpoint does not fit its log: it was taken from another stream,
+    or it covers sequences the stream does not have (the stream was deleted and created again,
+    or lost acknowledged records). Applying the stream on top of it would corrupt the head; the
+    replica needs a fresh data directory and a peer's checkpoint."""
+
+
+class ReplicaError(StorageError):
+    """A head replica answered a gRPC call with an error of its own (``INTERNAL`` and the like);
+    the message names the replica's address and the method. Another replica of the shard may
+    still answer."""
+
+
+class ReplicaUnavailable(ReplicaError):
+    """A head replica cannot answer now: unreachable, not ready (still catching up), shutting
+    down, or the call timed out (gRPC ``UNAVAILABLE``, ``DEADLINE_EXCEEDED``, ``CANCELLED``,
+    ``RESOURCE_EXHAUSTED``). The caller should ask another replica of the shard."""

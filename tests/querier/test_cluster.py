@@ -8,7 +8,7 @@ import pytest
 
 from querier.cluster import ShardedQuerier, ShardReplicas, ShardUnavailable, cluster_status
 from querier.engine import Engine
-from store.errors import StorageError
+from store.errors import InvalidMatcher, ReplicaUnavailable
 from store.head import Head, HeadOptions
 from store.matchers import Matcher, MatchType
 from store.topology import shard_of
@@ -28,7 +28,7 @@ class Replica:
     def _check(self):
         self.calls += 1
         if self.down:
-            raise StorageError(f"replica {self.name}: connection refused")
+            raise ReplicaUnavailable(f"replica {self.name}: connection refused")
 
     def select(self, *a):
         self._check()
@@ -89,6 +89,22 @@ def test_sharded_answers_equal_a_single_head_and_fall_back(pool):
     before = r0.calls
     q.label_names([], MIN, MAX)
     assert r0.calls == before  # in its cooldown, not asked first
+
+
+def test_errors_of_the_query_itself_are_not_retried_elsewhere(pool):
+    heads = _heads(1, _series(3))
+    reps = [Replica(heads[0], f"r{j}") for j in range(3)]
+
+    def bad(*_):
+        for r in reps:
+            r.calls += 1
+        raise InvalidMatcher("bad regex")
+
+    reps[0].select = bad
+    shard = ShardReplicas("s0", [(r.name, r) for r in reps])
+    with pytest.raises(InvalidMatcher):
+        ShardedQuerier([shard], pool).select(ALL, MIN, MAX)
+    assert reps[1].calls == reps[2].calls == 1  # only the first replica was asked
 
 
 def test_a_shard_with_no_replica_fails_the_query_or_warns(pool):
