@@ -3,8 +3,9 @@
 The hot path of ingestion: a numba-compiled scanner walks the raw protobuf
 once, without building Python objects, and produces
 
-* per series: where its labels and samples are, the canonical label bytes
-  (``name 0xff value 0xff ...``, see ``store/labels.py``) and their xxHash64;
+* per series: where its labels and samples are, the byte span of its whole
+  TimeSeries field, the canonical label bytes (``name 0xff value 0xff ...``,
+  see ``store/labels.py``) and their xxHash64;
 * per sample: timestamp (int64 ms), value bit pattern (uint64) and series index.
 
 Series whose labels are not already canonical (unsorted or duplicate names,
@@ -32,8 +33,11 @@ from store.xxhash64 import xxh64
 NEEDS_SLOW_PATH = 1  # labels not in canonical form: sort, check and hash in Python
 HAS_HISTOGRAMS = 2
 
-# Series row layout.
-S_LAB_START, S_LAB_N, S_SMP_START, S_SMP_N, S_KEY_OFF, S_KEY_LEN, S_FLAGS, S_HIST = range(8)
+# Series row layout. S_SPAN_START/S_SPAN_END delimit the whole TimeSeries field in the body (its tag
+# and length included), so that the concatenated spans of any subset of series are a valid
+# WriteRequest on their own (the cluster-mode adapter splits requests by shard this way).
+S_LAB_START, S_LAB_N, S_SMP_START, S_SMP_N, S_KEY_OFF, S_KEY_LEN, S_FLAGS, S_HIST, S_SPAN_START, S_SPAN_END = range(10)
+SERIES_COLUMNS = 10
 
 CAPACITY = 9  # output arrays too small: the caller retries with worst-case sizes
 
@@ -106,6 +110,7 @@ def _scan(buf, ser, hashes, lab, smp_t, smp_v, smp_s, keys):
     nsm = 0
     nk = 0
     while p < end:
+        field_start = p
         tag, p = _varint(buf, p, end)
         if p < 0:
             return ns, nl, nsm, 1, end
@@ -132,6 +137,8 @@ def _scan(buf, ser, hashes, lab, smp_t, smp_v, smp_s, keys):
         ns += 1
         ser[s, S_LAB_START] = nl
         ser[s, S_SMP_START] = nsm
+        ser[s, S_SPAN_START] = field_start
+        ser[s, S_SPAN_END] = send
         flags = 0
         nhist = 0
         while p < send:
@@ -266,7 +273,7 @@ class WriteRequest:
     """A decoded WriteRequest: column arrays over the raw protobuf ``buf``."""
 
     buf: np.ndarray  # uint8, the protobuf bytes the offsets point into
-    series: np.ndarray  # int64[n_series, 8], see S_* columns
+    series: np.ndarray  # int64[n_series, SERIES_COLUMNS], see S_* columns
     hashes: np.ndarray  # uint64[n_series]
     labels: np.ndarray  # int64[n_labels, 4]: name_off, name_len, value_off, value_len
     keys: np.ndarray  # uint8, canonical label bytes of every series
@@ -301,7 +308,7 @@ def decode(body: bytes) -> WriteRequest:
     # Typical encodings take >= 12 bytes per series and per sample and >= 4 per label; if a
     # request packs tighter, scan again with the true bound (every item takes >= 2 bytes).
     for series_cap, label_cap in ((n // 12 + 16, n // 4 + 16), (n // 2 + 1, n // 2 + 1)):
-        ser = np.empty((series_cap, 8), dtype=np.int64)
+        ser = np.empty((series_cap, SERIES_COLUMNS), dtype=np.int64)
         hashes = np.empty(series_cap, dtype=np.uint64)
         lab = np.empty((label_cap, 4), dtype=np.int64)
         smp_t = np.empty(series_cap, dtype=np.int64)
