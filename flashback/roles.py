@@ -100,7 +100,6 @@ def cmd_store(args: argparse.Namespace) -> int:
     replica = HeadReplica(list(topology.nats), shard.stream, args.replica, args.data_dir,
                           head_options=HeadOptions(), stream_replicas=topology.stream_replicas,
                           peers=[r.name for r in shard.replicas], registry=registry)
-    replica.start()
     service = HeadService(replica.head, lambda: dict(replica.status(), shard=shard.name), address=args.grpc_listen,
                           ready=lambda: replica.ready, registry=registry)
     service.start()
@@ -180,6 +179,8 @@ def cmd_compactor(args: argparse.Namespace) -> int:
     from compactor.compactor import Compactor
     from querier.cluster import ShardedQuerier
     from store.bucket import MetricsBucket, RetryingBucket, bucket_from_config
+    from store.db import encode_persisted
+    from store.natslog import NatsLog
 
     topology = load_topology(args.topology)
     shard = topology.shard(args.shard)
@@ -189,13 +190,21 @@ def cmd_compactor(args: argparse.Namespace) -> int:
     with open(args.objstore_config_file) as f:
         bucket = MetricsBucket(RetryingBucket(bucket_from_config(f.read())), registry)
     os.makedirs(args.data_dir, exist_ok=True)
+    shard_log = NatsLog(list(topology.nats), shard.stream, replicas=topology.stream_replicas)
+
+    def persisted(through_ms: int) -> None:
+        # Through the shard's log, so every replica moves its min-valid time at the same position.
+        shard_log.append(encode_persisted(through_ms), msg_id=f"persisted-{through_ms}")
+
     compactor = Compactor(ShardedQuerier([replicas], pool), bucket, window_ms=args.window_ms, grace_ms=args.grace_ms,
-                          external_labels={"shard": shard.name}, registry=registry, tmp_dir=args.data_dir)
+                          external_labels={"shard": shard.name}, on_persisted=persisted, registry=registry,
+                          tmp_dir=args.data_dir)
     compactor.start(args.interval_s)
     role = Role(f"compactor {shard.name}", args.listen, registry, Router(), lambda: True)
 
     def close() -> None:
         compactor.close()
+        shard_log.close()
         pool.shutdown()
         bucket.close()
 
