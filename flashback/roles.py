@@ -91,15 +91,26 @@ def _status_route(router: Router, shards, pool: ThreadPoolExecutor) -> None:
 def cmd_store(args: argparse.Namespace) -> int:
     from store.head import HeadOptions
     from store.headrpc import HeadService
+    from store.errors import LogUnavailable
     from store.replica import HeadReplica
 
     topology = load_topology(args.topology)
     shard = topology.shard(args.shard)
     shard.replica(args.replica)
     registry = CollectorRegistry()
-    replica = HeadReplica(list(topology.nats), shard.stream, args.replica, args.data_dir,
-                          head_options=HeadOptions(), stream_replicas=topology.stream_replicas,
-                          peers=[r.name for r in shard.replicas], registry=registry)
+    deadline = time.monotonic() + args.start_timeout
+    while True:  # NATS may be electing a leader or restarting: keep trying, as a supervisor would
+        try:
+            replica = HeadReplica(list(topology.nats), shard.stream, args.replica, args.data_dir,
+                                  head_options=HeadOptions(), stream_replicas=topology.stream_replicas,
+                                  peers=[r.name for r in shard.replicas], registry=registry)
+            break
+        except (LogUnavailable, TimeoutError, OSError) as e:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("log not reachable yet, retrying", extra={"err": f"{type(e).__name__}: {e}"})
+            registry = CollectorRegistry()  # the failed attempt registered its metrics
+            time.sleep(1)
     service = HeadService(replica.head, lambda: dict(replica.status(), shard=shard.name), address=args.grpc_listen,
                           ready=lambda: replica.ready, registry=registry)
     service.start()
@@ -227,6 +238,8 @@ def configure(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--replica", required=True, help="this replica's name in the topology")
     st.add_argument("--data-dir", required=True, help="where the replica keeps its head checkpoints")
     st.add_argument("--grpc-listen", required=True, help="HOST:PORT of the head gRPC service")
+    st.add_argument("--start-timeout", type=float, default=300.0,
+                    help="seconds to keep retrying while NATS cannot be reached at start")
     st.set_defaults(func=cmd_store)
 
     ad = sub.add_parser("adapter", help="run a remote-write adapter (cluster mode)")
