@@ -1,0 +1,121 @@
+"""Ingest benchmark of cluster mode against a single node, in the same run (issue "Cluster mode").
+
+    python3 deploy/bench/cluster_ingest.py DUMP_DIR [--requests N] [--shards 3] [--replicas 3]
+
+Replays a ``../shared/bench/rwload.py`` dump (or its first N requests) into a single-node
+``flashback up`` and then into a local cluster (``flashback cluster up``'s LocalCluster), each on
+a fresh directory, with rwload's own timing; waits until every head replica has applied
+everything; prints samples/s, write p50/p99, the cluster/single ratio, and per replica its RSS
+and head series (RSS per active series per replica).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+BENCH = os.environ.get("BENCH", os.path.join(os.path.dirname(ROOT), "shared", "bench"))
+
+
+def _truncated_dump(src: str, n: int, dst: str) -> str:
+    """A copy of the dump with only its first ``n`` requests (all of them if n <= 0)."""
+    if n <= 0:
+        return src
+    os.makedirs(dst, exist_ok=True)
+    with open(os.path.join(src, "payloads.bin"), "rb") as f, open(os.path.join(dst, "payloads.bin"), "wb") as out:
+        for _ in range(n):
+            head = f.read(8)
+            if len(head) < 8:
+                break
+            length, _ = struct.unpack("<II", head)
+            out.write(head + f.read(length))
+    meta = json.load(open(os.path.join(src, "meta.json")))
+    meta["requests"] = n
+    json.dump(meta, open(os.path.join(dst, "meta.json"), "w"))
+    return dst
+
+
+def _replay(url: str, dump: str, concurrency: int) -> dict:
+    p = subprocess.run([sys.executable, os.path.join(BENCH, "rwload.py"), "--url", url, "--replay", dump,
+                        "--concurrency", str(concurrency)], capture_output=True, text=True, check=True)
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _rss_mib(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("dump")
+    ap.add_argument("--requests", type=int, default=0)
+    ap.add_argument("--shards", type=int, default=3)
+    ap.add_argument("--replicas", type=int, default=3)
+    ap.add_argument("--concurrency", type=int, default=2)
+    args = ap.parse_args()
+    from flashback.launcher import LocalCluster, Process, _free_port
+
+    work = tempfile.mkdtemp(prefix="fb-cluster-bench-")
+    dump = _truncated_dump(args.dump, args.requests, os.path.join(work, "dump"))
+    try:
+        http = f"127.0.0.1:{_free_port()}"
+        single = Process("single", ["up", "--listen", http, "--data-dir", os.path.join(work, "single")], http,
+                         os.path.join(work, "single.log"))
+        single.start()
+        while not single.ready():
+            time.sleep(0.2)
+        one = _replay(f"http://{http}/api/v1/write", dump, args.concurrency)
+        single.stop()
+
+        cluster = LocalCluster(os.path.join(work, "cluster"), shards=args.shards, replicas=args.replicas)
+        cluster.start(timeout=300)
+        try:
+            many = _replay(cluster.write_url, dump, args.concurrency)
+            port = cluster.processes["querier"].http
+
+            def lags() -> list[int]:
+                with urllib.request.urlopen(f"http://{port}/api/v1/status/cluster", timeout=30) as r:
+                    shards = json.loads(r.read())["data"]["shards"]
+                return [rep.get("lag", -1) for s in shards for rep in s["replicas"]]
+
+            t0 = time.monotonic()
+            while any(lag != 0 for lag in lags()):
+                time.sleep(1)
+            caught_up_s = time.monotonic() - t0
+            with urllib.request.urlopen(f"http://{port}/api/v1/status/cluster", timeout=30) as r:
+                shards = json.loads(r.read())["data"]["shards"]
+            per_replica = []
+            for s in shards:
+                for rep in s["replicas"]:
+                    proc = cluster.processes[f"store-{s['shard']}-{rep['name']}"].proc
+                    rss = _rss_mib(proc.pid)
+                    per_replica.append((s["shard"], rep["name"], rep.get("series", 0), rss))
+        finally:
+            cluster.stop()
+        print(json.dumps({"single": {k: one[k] for k in ("samples_accepted", "samples_per_s", "latency_ms")},
+                          "cluster": {k: many[k] for k in ("samples_accepted", "samples_per_s", "latency_ms")},
+                          "ratio_samples_per_s": round(many["samples_per_s"] / one["samples_per_s"], 3),
+                          "replicas_caught_up_after_s": round(caught_up_s, 1),
+                          "replicas": [{"shard": s, "replica": r, "series": n, "rss_mib": round(m, 1),
+                                        "kib_per_series": round(m * 1024 / n, 1) if n else None}
+                                       for s, r, n, m in per_replica]}, indent=1))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
