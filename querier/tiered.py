@@ -19,41 +19,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-from store import xorfast
 from store.block import BlockReader
 from store.bucket import Bucket
 from store.catalog import BlockCatalog
-from store.chunks import MAX_SAMPLES_PER_CHUNK, Chunk
 from store.errors import BucketError, BucketUnavailable, StorageError
 from store.labels import Labels
 from store.matchers import Matcher
-from store.storage import Querier, SelectHints, Series
+from store.storage import ArraySeries, Querier, SelectHints, Series
 
 log = logging.getLogger(__name__)
-
-
-class MergedSeries:
-    """A series assembled from several sources (``store.storage.Series``)."""
-
-    __slots__ = ("labels", "_ts", "_vs")
-
-    def __init__(self, labels: Labels, ts: np.ndarray, vs: np.ndarray) -> None:
-        self.labels = labels
-        self._ts = ts
-        self._vs = vs
-
-    def samples(self) -> tuple[np.ndarray, np.ndarray]:
-        return self._ts, self._vs
-
-    def chunks(self) -> Iterator[Chunk]:
-        ts, vs = self._ts, self._vs
-        for a in range(0, len(ts), MAX_SAMPLES_PER_CHUNK):
-            b = min(a + MAX_SAMPLES_PER_CHUNK, len(ts))
-            yield Chunk(int(ts[a]), int(ts[b - 1]), xorfast.encode(ts[a:b], vs[a:b]))
 
 
 def merge_series(parts: list[Series]) -> Series:
@@ -67,7 +45,7 @@ def merge_series(parts: list[Series]) -> Series:
     ts, vs = ts[order], vs[order]
     keep = np.ones(len(ts), dtype=bool)
     keep[1:] = ts[1:] != ts[:-1]
-    return MergedSeries(parts[0].labels, ts[keep], vs[keep])
+    return ArraySeries(parts[0].labels, ts[keep], vs[keep])
 
 
 class BucketBlocks:

@@ -36,16 +36,14 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
+from typing import BinaryIO, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from store import ulid as ulids
-from store import xorfast
 from store.bucket import DIR_DELIM, Bucket
-from store.chunks import MAX_SAMPLES_PER_CHUNK, Chunk
 from store.errors import (
     BlockError, CorruptBlock, IncompleteBlock, ObjectNotFound, TruncatedBlock,
     UnsupportedBlockVersion,
@@ -53,7 +51,7 @@ from store.errors import (
 from store.labels import SEP, Labels
 from store.matchers import Matcher
 from store.postings import MemPostings
-from store.storage import SelectHints
+from store.storage import ArraySeries, SelectHints
 
 FORMAT = "flashback-block"
 VERSION = 1
@@ -669,28 +667,11 @@ def decode_footer(metadata: pq.FileMetaData, meta: BlockMeta, context: str) -> _
     return _Footer(metadata, rg_start, tmin, tmax, col_range)
 
 
-class BlockSeries:
-    """A series of a block selection (``store.storage.Series``); its samples are already read."""
+class BlockSeries(ArraySeries):
+    """A series of a block selection (``store.storage.Series``); its samples are already read,
+    its chunks encoded on the fly (blocks store columns, not chunks)."""
 
-    __slots__ = ("labels", "_ts", "_vs")
-
-    def __init__(self, labels: Labels, ts: np.ndarray, vs: np.ndarray) -> None:
-        self.labels = labels
-        self._ts = ts
-        self._vs = vs
-
-    def samples(self) -> tuple[np.ndarray, np.ndarray]:
-        return self._ts, self._vs
-
-    def chunks(self) -> Iterator[Chunk]:
-        """XOR chunks of up to 120 samples, encoded on the fly (blocks store columns, not chunks)."""
-        ts, vs = self._ts, self._vs
-        for a in range(0, len(ts), MAX_SAMPLES_PER_CHUNK):
-            b = min(a + MAX_SAMPLES_PER_CHUNK, len(ts))
-            yield Chunk(int(ts[a]), int(ts[b - 1]), xorfast.encode(ts[a:b], vs[a:b]))
-
-    def __repr__(self) -> str:
-        return f"BlockSeries({self.labels}, {len(self._ts)} samples)"
+    __slots__ = ()
 
 
 class BlockReader:

@@ -12,7 +12,7 @@ from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
-from store.chunks import Chunk
+from store.chunks import MAX_SAMPLES_PER_CHUNK, Chunk
 from store.labels import Labels
 from store.matchers import Matcher
 
@@ -62,3 +62,29 @@ class Querier(Protocol):
 
     def label_values(self, name: str, matchers: Sequence[Matcher], mint: int, maxt: int) -> list[str]:
         """Sorted values of label ``name`` among the series matching ``matchers``."""
+
+
+class ArraySeries:
+    """A ``Series`` whose samples are in memory (a block's, or several sources merged)."""
+
+    __slots__ = ("labels", "_ts", "_vs")
+
+    def __init__(self, labels: Labels, ts: np.ndarray, vs: np.ndarray) -> None:
+        self.labels = labels
+        self._ts = ts
+        self._vs = vs
+
+    def samples(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._ts, self._vs
+
+    def chunks(self) -> Iterator[Chunk]:
+        """XOR chunks of up to 120 samples, encoded on the fly."""
+        from store import xorfast
+
+        ts, vs = self._ts, self._vs
+        for a in range(0, len(ts), MAX_SAMPLES_PER_CHUNK):
+            b = min(a + MAX_SAMPLES_PER_CHUNK, len(ts))
+            yield Chunk(int(ts[a]), int(ts[b - 1]), xorfast.encode(ts[a:b], vs[a:b]))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.labels}, {len(self._ts)} samples)"
