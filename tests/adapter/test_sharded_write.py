@@ -7,7 +7,6 @@ JetStream cluster (``store.natscluster``) and read back with ``NatsConsumer``.
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import struct
 import time
 
@@ -412,26 +411,8 @@ def test_logs_must_match_the_shards():
 # ---- against a real NATS JetStream cluster -------------------------------------------------
 
 
-def _require_nats() -> None:
-    from store.natscluster import NatsServerError, find_nats_server
-    try:
-        find_nats_server()
-        return
-    except NatsServerError as e:
-        missing = str(e)
-    if os.environ.get("FLASHBACK_SKIP_NATS") == "1":
-        pytest.skip(f"FLASHBACK_SKIP_NATS=1: {missing}")
-    pytest.fail(f"{missing}. Set FLASHBACK_SKIP_NATS=1 to skip the NATS tests.", pytrace=False)
 
 
-@pytest.fixture(scope="module")
-def nats_cluster(tmp_path_factory):
-    from store.natscluster import NatsCluster
-    _require_nats()
-    c = NatsCluster(str(tmp_path_factory.mktemp("nats")), size=3)
-    c.start()
-    yield c
-    c.stop()
 
 
 def test_publishes_to_replicated_streams_and_a_retry_is_stored_once(nats_cluster):

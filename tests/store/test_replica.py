@@ -27,7 +27,6 @@ from store.db import decode_record, encode_record
 from store.errors import CheckpointMismatch, LogTruncated, LogUnavailable, UnsupportedVersion
 from store.head import Head
 from store.matchers import Matcher, MatchType
-from store.natscluster import NatsCluster, NatsServerError, find_nats_server
 from store.natslog import NatsLog
 from store.replica import CHECKPOINT_BUCKET, HeadReplica, consumer_name, decode_mark, mark_key
 
@@ -36,24 +35,11 @@ T0 = 1_700_000_000_000  # the writer's clock in every record
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _require_nats() -> None:
-    try:
-        find_nats_server()
-        return
-    except NatsServerError as e:
-        missing = str(e)
-    if os.environ.get("FLASHBACK_SKIP_NATS") == "1":
-        pytest.skip(f"FLASHBACK_SKIP_NATS=1: {missing}")
-    pytest.fail(f"{missing}. Set FLASHBACK_SKIP_NATS=1 to skip the NATS tests.", pytrace=False)
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    _require_nats()
-    c = NatsCluster(str(tmp_path_factory.mktemp("nats")), size=3)
-    c.start()
-    yield c
-    c.stop()
+def cluster(nats_cluster):
+    return nats_cluster
 
 
 @pytest.fixture
