@@ -53,23 +53,9 @@ class RemoteWriteHandler:
         router.route("/api/v1/write", self, ("POST",), name="remote_write", max_body=self.max_body_bytes)
 
     def __call__(self, req: Request) -> Response:
-        err = self._check_headers(req)
-        if err:
-            return Response(415, err.encode())
-        size = _uvarint(req.body)
-        if size is None:
-            return _bad("snappy: corrupt input: the block does not start with its decoded length")
-        if size > self.max_decoded_bytes:
-            return Response(413, f"decompressed request of {size} bytes exceeds the limit of "
-                                 f"{self.max_decoded_bytes} bytes\n".encode())
-        try:
-            body = cramjam.snappy.decompress_raw(req.body).read()
-        except cramjam.DecompressionError as e:
-            return _bad(f"snappy: {e}")
-        try:
-            decoded = writerequest.decode(body)
-        except DecodeError as e:
-            return _bad(str(e))
+        decoded = decode_request(req, self.max_decoded_bytes)
+        if isinstance(decoded, Response):
+            return decoded
         try:
             result = self._append(req.body, decoded)
         except WALError as e:
@@ -79,23 +65,46 @@ class RemoteWriteHandler:
             return _bad(result.message())
         return Response(204)
 
-    @staticmethod
-    def _check_headers(req: Request) -> str:
-        ctype = req.headers.get("content-type", "")
-        if ctype:
-            base, _, params = ctype.partition(";")
-            proto = ""
-            for p in params.split(";"):
-                k, _, v = p.strip().partition("=")
-                if k.lower() == "proto":
-                    proto = v.strip()
-            if base.strip().lower() != "application/x-protobuf" or proto not in _V1_PROTO:
-                return (f"unsupported content type {ctype!r}: this server accepts remote write 1.0, "
-                        f"application/x-protobuf (proto=prometheus.WriteRequest)\n")
-        enc = req.headers.get("content-encoding", "")
-        if enc and enc.lower() != "snappy":
-            return f"unsupported content encoding {enc!r}: remote write bodies are snappy block-compressed\n"
-        return ""
+
+def check_headers(req: Request) -> str:
+    """The reason a request is not remote write 1.0 (content type, encoding), or ''."""
+    ctype = req.headers.get("content-type", "")
+    if ctype:
+        base, _, params = ctype.partition(";")
+        proto = ""
+        for p in params.split(";"):
+            k, _, v = p.strip().partition("=")
+            if k.lower() == "proto":
+                proto = v.strip()
+        if base.strip().lower() != "application/x-protobuf" or proto not in _V1_PROTO:
+            return (f"unsupported content type {ctype!r}: this server accepts remote write 1.0, "
+                    f"application/x-protobuf (proto=prometheus.WriteRequest)\n")
+    enc = req.headers.get("content-encoding", "")
+    if enc and enc.lower() != "snappy":
+        return f"unsupported content encoding {enc!r}: remote write bodies are snappy block-compressed\n"
+    return ""
+
+
+def decode_request(req: Request, max_decoded_bytes: int) -> writerequest.WriteRequest | Response:
+    """The decoded WriteRequest of a remote-write 1.0 request, or the response refusing it:
+    415 (content type or encoding), 400 (snappy, protobuf), 413 (decoded size)."""
+    err = check_headers(req)
+    if err:
+        return Response(415, err.encode())
+    size = _uvarint(req.body)
+    if size is None:
+        return _bad("snappy: corrupt input: the block does not start with its decoded length")
+    if size > max_decoded_bytes:
+        return Response(413, f"decompressed request of {size} bytes exceeds the limit of "
+                             f"{max_decoded_bytes} bytes\n".encode())
+    try:
+        body = cramjam.snappy.decompress_raw(req.body).read()
+    except cramjam.DecompressionError as e:
+        return _bad(f"snappy: {e}")
+    try:
+        return writerequest.decode(body)
+    except DecodeError as e:
+        return _bad(str(e))
 
 
 def _bad(msg: str) -> Response:

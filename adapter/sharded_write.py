@@ -52,10 +52,10 @@ import numpy as np
 import xxhash
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from adapter.remote_write import RemoteWriteHandler, _bad, _uvarint
+from adapter.remote_write import _bad, decode_request
 from store import writerequest
 from store.db import encode_record
-from store.errors import DecodeError, LogUnavailable, WALError
+from store.errors import LogUnavailable, WALError
 from store.head import AppendResult, Head, HeadOptions
 from store.httpserver import Request, Response, Router
 from store.natslog import wait_future
@@ -235,23 +235,9 @@ class ShardedWriteHandler:
         router.route("/api/v1/write", self, ("POST",), name="remote_write", max_body=self.max_body_bytes)
 
     def __call__(self, req: Request) -> Response:
-        err = RemoteWriteHandler._check_headers(req)
-        if err:
-            return Response(415, err.encode())
-        size = _uvarint(req.body)
-        if size is None:
-            return _bad("snappy: corrupt input: the block does not start with its decoded length")
-        if size > self.max_decoded_bytes:
-            return Response(413, f"decompressed request of {size} bytes exceeds the limit of "
-                                 f"{self.max_decoded_bytes} bytes\n".encode())
-        try:
-            body = cramjam.snappy.decompress_raw(req.body).read()
-        except cramjam.DecompressionError as e:
-            return _bad(f"snappy: {e}")
-        try:
-            decoded = writerequest.decode(body)
-        except DecodeError as e:
-            return _bad(str(e))
+        decoded = decode_request(req, self.max_decoded_bytes)
+        if isinstance(decoded, Response):
+            return decoded
         result = AppendResult()
         parts = self.split(decoded, result, int(self._now() * 1000))
         failures = self._publish(parts)
