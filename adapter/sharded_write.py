@@ -13,7 +13,7 @@ Status contract, the same as the single node's (``adapter.remote_write``) where 
   a quorum of the stream's replicas);
 * 400 for undecodable bodies (snappy, protobuf) and for series the adapter can reject by
   itself: invalid labels (Prometheus 3's rules, as the head checks them,
-  ``store.head.Head._validate``) and native histograms. As Prometheus does, the other
+  ``store.head.validate_labels``) and native histograms. As Prometheus does, the other
   series of the request are still published, and the answer only comes after they are
   acknowledged;
 * 413 above the body size (checked before reading) or the decoded size, 415 for a content
@@ -56,7 +56,7 @@ from adapter.remote_write import _bad, decode_request
 from store import writerequest
 from store.db import encode_record
 from store.errors import LogUnavailable, WALError
-from store.head import AppendResult, Head, HeadOptions
+from store.head import AppendResult, validate_labels
 from store.httpserver import Request, Response, Router
 from store.natslog import wait_future
 from store.topology import Topology
@@ -142,17 +142,6 @@ def _gather(buf, starts, ends, order, out):
     return p
 
 
-class _LabelCheck:
-    """The head's own label validation (``Head._validate``) without a head, so that the
-    adapter rejects exactly the series a head would reject."""
-
-    __slots__ = ("options",)
-    validate = Head._validate
-
-    def __init__(self, options: HeadOptions) -> None:
-        self.options = options
-
-
 @dataclass(frozen=True, slots=True)
 class _Part:
     shard: int
@@ -225,7 +214,7 @@ class ShardedWriteHandler:
         self.max_part_bytes = max_part_bytes
         self.publish_timeout_s = publish_timeout_s
         self.retry_after_s = retry_after_s
-        self._check = _LabelCheck(HeadOptions(name_validation=name_validation))
+        self._name_validation = name_validation
         self._legacy = name_validation == "legacy"
         self._now = now
         self._metrics = _Metrics(registry if registry is not None else CollectorRegistry(auto_describe=False),
@@ -265,7 +254,7 @@ class ShardedWriteHandler:
         suspects = np.empty(ns, dtype=np.bool_)
         _suspects(req.buf, ser, req.labels, _METRIC, self._legacy, suspects)
         for i in np.flatnonzero(suspects).tolist():
-            labels, err = self._check.validate(req.label_pairs(i))
+            labels, err = validate_labels(req.label_pairs(i), self._name_validation)
             if err:
                 keep[i] = False
                 if ser[i, S_SMP_N]:

@@ -86,6 +86,34 @@ class AppendResult:
                          for r, (n, ex) in sorted(self.rejected.items()))
 
 
+def validate_labels(pairs: list[tuple[bytes, bytes]], name_validation: str = "utf8") -> tuple[Labels | None, str]:
+    """Labels of a new series as Prometheus 3 checks them, or an error message: UTF-8, no empty
+    or duplicate names, a metric name, and legacy name syntax if ``name_validation`` says so.
+    Empty values drop their label, as in Prometheus."""
+    out = []
+    for n, v in pairs:
+        try:
+            name, value = n.decode("utf-8"), v.decode("utf-8")
+        except UnicodeDecodeError:
+            return None, f"label {n!r}={v!r} is not valid UTF-8"
+        if not name:
+            return None, f"empty label name (with value {value!r})"
+        if name_validation == "legacy" and not _LEGACY_NAME.fullmatch(name):
+            return None, f"invalid label name {name!r}"
+        if value:
+            out.append((name, value))
+    out.sort()
+    for a, b in zip(out, out[1:]):
+        if a[0] == b[0]:
+            return None, f'duplicate label name "{a[0]}" in series {{{_fmt(out)}}}'
+    labels = Labels.sorted_unchecked(out)
+    if not labels.get(METRIC_NAME):
+        return None, f"missing metric name (__name__ label) in series {{{_fmt(out)}}}"
+    if name_validation == "legacy" and not _LEGACY_NAME.fullmatch(labels.name.replace(":", "_")):
+        return None, f"invalid metric name {labels.name!r}"
+    return labels, ""
+
+
 class Head:
     """Thread-safe in-memory storage of recent series (see module docstring)."""
 
@@ -209,29 +237,7 @@ class Head:
         return refs
 
     def _validate(self, pairs: list[tuple[bytes, bytes]]) -> tuple[Labels | None, str]:
-        """Labels of a new series as Prometheus 3 checks them, or an error message."""
-        out = []
-        for n, v in pairs:
-            try:
-                name, value = n.decode("utf-8"), v.decode("utf-8")
-            except UnicodeDecodeError:
-                return None, f"label {n!r}={v!r} is not valid UTF-8"
-            if not name:
-                return None, f"empty label name (with value {value!r})"
-            if self.options.name_validation == "legacy" and not _LEGACY_NAME.fullmatch(name):
-                return None, f"invalid label name {name!r}"
-            if value:
-                out.append((name, value))
-        out.sort()
-        for a, b in zip(out, out[1:]):
-            if a[0] == b[0]:
-                return None, f'duplicate label name "{a[0]}" in series {{{_fmt(out)}}}'
-        labels = Labels.sorted_unchecked(out)
-        if not labels.get(METRIC_NAME):
-            return None, f"missing metric name (__name__ label) in series {{{_fmt(out)}}}"
-        if self.options.name_validation == "legacy" and not _LEGACY_NAME.fullmatch(labels.name.replace(":", "_")):
-            return None, f"invalid metric name {labels.name!r}"
-        return labels, ""
+        return validate_labels(pairs, self.options.name_validation)
 
     def _get_or_create(self, labels: Labels) -> int:
         key = labels.canonical()
