@@ -23,9 +23,18 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from flashback.config import parse_duration_ms
 from store.httpserver import HTTPServer, Request, Response, Router
-from store.topology import Topology, load as load_topology
+from store.topology import Topology, TopologyError
+from store.topology import load as _load_topology
 
 log = logging.getLogger(__name__)
+
+
+def load_topology(path: str) -> Topology:
+    """The topology file, or exit with its error (status 2) instead of a traceback."""
+    try:
+        return _load_topology(path)
+    except TopologyError as e:
+        raise SystemExit(f"flashback: {e}") from None
 
 
 def _hostport(value: str) -> tuple[str, int]:

@@ -1,0 +1,19 @@
+"""Cluster role commands refuse bad topology files with a clear message, not a traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.parametrize("role", ["adapter", "querier"])
+def test_bad_topology_is_a_clear_error(tmp_path, role):
+    missing = subprocess.run([sys.executable, "-m", "flashback", role, "--topology", str(tmp_path / "none.yml"),
+                              "--listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and "flashback: read topology" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    bad = tmp_path / "bad.yml"
+    bad.write_text("nats: [x]\nshards: []\n")
+    out = subprocess.run([sys.executable, "-m", "flashback", role, "--topology", str(bad), "--listen", "127.0.0.1:0"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "flashback: topology: 'shards' must list at least one shard" in out.stderr
