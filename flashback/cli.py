@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -65,7 +66,15 @@ def cmd_promqltest(args: argparse.Namespace) -> int:
 def cmd_bucket(args: argparse.Namespace) -> int:
     from compactor import bucketcli
 
-    return bucketcli.run(args)
+    rc = bucketcli.run(args)
+    # A one-shot command: its work is done and reported. Interpreter teardown with native thread
+    # pools still alive (pyarrow, boto3's transfer threads) was seen to abort now and then
+    # ("terminate called without an active exception", exit -6) after a successful run, which a
+    # CronJob would count as a failure; leave without running native destructors.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(rc)
 
 
 def main(argv: list[str] | None = None) -> int:
