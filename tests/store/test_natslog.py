@@ -18,8 +18,6 @@ from store.natscluster import NatsCluster, free_ports
 from store.natslog import NatsConsumer, NatsLog, wait_future
 
 
-
-
 @pytest.fixture(scope="module")
 def cluster(nats_cluster):
     return nats_cluster

@@ -35,8 +35,6 @@ T0 = 1_700_000_000_000  # the writer's clock in every record
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-
-
 @pytest.fixture(scope="module")
 def cluster(nats_cluster):
     return nats_cluster
