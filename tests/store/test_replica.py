@@ -141,7 +141,8 @@ def test_three_replicas_hold_identical_heads(cluster, nlog, stream, tmp_path):
         assert any(len(s[1]) for s in expected) and len(expected) == 20
         for r in reps:
             assert dump(r.head) == expected
-        wait_for(lambda: all(r.lag == 0 for r in reps), 30, "lag 0")
+        # Lag is polled (every 0.5 s): wait until every watcher has seen the stream's last record.
+        wait_for(lambda: all(r.lag == 0 and r.status()["stream_last_seq"] == 100 for r in reps), 30, "lag 0")
         st = reps[1].status()
         assert st["replica"] == "r1" and st["stream"] == stream
         assert (st["applied_seq"], st["lag"], st["ready"], st["healthy"], st["error"], st["series"]) == \
