@@ -26,9 +26,22 @@ from store.topology import Replica, Shard, Topology
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return _free_ports(1)[0]
+
+
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: all sockets stay bound until every port is known, so the
+    kernel cannot hand out the same port twice."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 @dataclass
@@ -94,9 +107,11 @@ class LocalCluster:
 
     def start(self, timeout: float = 120) -> "LocalCluster":
         self.nats.start()
+        # Two ports per replica, one per compactor, adapter and querier: allocated together.
+        ports = iter(_free_ports(2 * self.n_shards * self.n_replicas + self.n_shards + 2))
         shards = []
         for k in range(self.n_shards):
-            reps = tuple(Replica(f"r{j}", f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}")
+            reps = tuple(Replica(f"r{j}", f"127.0.0.1:{next(ports)}", f"127.0.0.1:{next(ports)}")
                          for j in range(self.n_replicas))
             shards.append(Shard(f"shard-{k}", f"flashback-shard-{k}", reps))
         self.topology = Topology(tuple(self.nats.urls), tuple(shards), min(3, len(self.nats.urls)))
@@ -110,13 +125,13 @@ class LocalCluster:
                 self._add(f"store-{s.name}-{r.name}", ["store", *topo, "--shard", s.name, "--replica", r.name,
                           "--data-dir", os.path.join(self.directory, f"store-{s.name}-{r.name}"),
                           "--listen", r.http, "--grpc-listen", r.grpc], r.http)
-            http = f"127.0.0.1:{_free_port()}"
+            http = f"127.0.0.1:{next(ports)}"
             self._add(f"compactor-{s.name}", ["compactor", *topo, "--shard", s.name, "--listen", http,
                       "--objstore.config-file", self.objstore_path,
                       "--data-dir", os.path.join(self.directory, f"compactor-{s.name}")], http)
-        http = f"127.0.0.1:{_free_port()}"
+        http = f"127.0.0.1:{next(ports)}"
         self._add("adapter", ["adapter", *topo, "--listen", http], http)
-        http = f"127.0.0.1:{_free_port()}"
+        http = f"127.0.0.1:{next(ports)}"
         self._add("querier", ["querier", *topo, "--listen", http, "--objstore.config-file", self.objstore_path], http)
         for p in self.processes.values():
             p.start()
