@@ -17,9 +17,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Protocol, Sequence
 
-from querier.tiered import merge_series
+from querier.tiered import merge_selections
 from store.errors import ReplicaError, StorageError
-from store.labels import Labels
 from store.matchers import Matcher
 from store.storage import Querier, SelectHints, Series
 
@@ -106,13 +105,7 @@ class ShardedQuerier:
     def select(self, matchers: Sequence[Matcher], mint: int, maxt: int,
                hints: SelectHints | None = None) -> list[Series]:
         results = self._all(lambda c: c.select(matchers, mint, maxt, hints))
-        if len(results) == 1:
-            return results[0]
-        parts: dict[Labels, list[Series]] = {}
-        for res in results:
-            for s in res:
-                parts.setdefault(s.labels, []).append(s)
-        return [merge_series(parts[lb]) for lb in sorted(parts)]
+        return merge_selections(results)
 
     def label_names(self, matchers: Sequence[Matcher], mint: int, maxt: int) -> list[str]:
         return sorted({n for res in self._all(lambda c: c.label_names(matchers, mint, maxt)) for n in res})

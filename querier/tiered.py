@@ -48,6 +48,18 @@ def merge_series(parts: list[Series]) -> Series:
     return ArraySeries(parts[0].labels, ts[keep], vs[keep])
 
 
+def merge_selections(results: list[list[Series]]) -> list[Series]:
+    """Selections of several sources as one, sorted by labels; the same series merged, the first
+    source winning a timestamp (``merge_series``)."""
+    if len(results) == 1:
+        return results[0]
+    parts: dict[Labels, list[Series]] = {}
+    for res in results:
+        for s in res:
+            parts.setdefault(s.labels, []).append(s)
+    return [merge_series(parts[lb]) for lb in sorted(parts)]
+
+
 class BucketBlocks:
     """The bucket's live blocks and a reader for each, refreshed at most every ``refresh_s``.
 
@@ -124,13 +136,7 @@ class TieredQuerier:
     def select(self, matchers: Sequence[Matcher], mint: int, maxt: int,
                hints: SelectHints | None = None) -> list[Series]:
         results = self._each(mint, maxt, lambda q: q.select(matchers, mint, maxt, hints))
-        if len(results) == 1:
-            return results[0]
-        parts: dict[Labels, list[Series]] = {}
-        for res in results:
-            for s in res:
-                parts.setdefault(s.labels, []).append(s)
-        return [merge_series(parts[lb]) for lb in sorted(parts)]
+        return merge_selections(results)
 
     def label_names(self, matchers: Sequence[Matcher], mint: int, maxt: int) -> list[str]:
         names: set[str] = set()
