@@ -35,7 +35,8 @@ from querier.values import (DropNameLabels, RangeSeries, RangeVector, Result, Sa
 from store.head import flatten as head_flatten
 from store.labels import METRIC_NAME, Labels
 from store.matchers import Matcher, MatchType
-from store.storage import Querier, SelectHints
+from store.errors import SampleLimitExceeded
+from store.storage import Querier, SampleBudget, SelectHints
 
 _MATCH_OPS = {"MatchOp.Equal": MatchType.EQ, "MatchOp.NotEqual": MatchType.NEQ,
               "MatchOp.Re": MatchType.RE, "MatchOp.NotRe": MatchType.NRE}
@@ -74,6 +75,9 @@ def selector_matchers(vs: pp.VectorSelector) -> list[Matcher]:
     for m in vs.matchers.matchers:
         out.append(Matcher(_MATCH_OPS[str(m.op)], m.name, m.value))
     return out
+
+
+_TOO_MANY = "query processing would load too many samples into memory in query execution"
 
 
 @dataclass
@@ -116,7 +120,7 @@ class EvalContext:
         """Counts ``n`` samples held in memory against ``max_samples``."""
         self.samples += n
         if self.samples > self.max_samples:
-            raise TooManySamples("query processing would load too many samples into memory in query execution")
+            raise TooManySamples(_TOO_MANY)
 
     def on_grid(self, steps: np.ndarray, interval: int) -> "EvalContext":
         # The annotation lists are shared with the outer context on purpose.
@@ -309,10 +313,14 @@ class Selection:
 
 def select(ctx: EvalContext, vs: pp.VectorSelector, mint: int, maxt: int, range_ms: int, func: str) -> Selection:
     """Reads the series of ``vs`` with samples in ``[mint, maxt]`` from the querier."""
-    hints = SelectHints(mint, maxt, ctx.interval, range_ms, func)
-    series = ctx.querier.select(selector_matchers(vs), mint, maxt, hints)
-    labels = [s.labels for s in series]
-    flat = head_flatten(series)  # one gather for a head selection
+    # The sources charge what they load to the query's remaining budget before decoding it.
+    hints = SelectHints(mint, maxt, ctx.interval, range_ms, func, SampleBudget(ctx.max_samples - ctx.samples))
+    try:
+        series = ctx.querier.select(selector_matchers(vs), mint, maxt, hints)
+        labels = [s.labels for s in series]
+        flat = head_flatten(series)  # one gather for a head selection
+    except SampleLimitExceeded:
+        raise TooManySamples(_TOO_MANY) from None
     if flat is not None:
         ts, vals, offsets = flat
     else:

@@ -26,7 +26,7 @@ import numpy as np
 from store.block import BlockReader
 from store.bucket import Bucket
 from store.catalog import BlockCatalog
-from store.errors import BucketError, BucketUnavailable, StorageError
+from store.errors import BucketError, BucketUnavailable, SampleLimitExceeded, StorageError
 from store.labels import Labels
 from store.matchers import Matcher
 from store.storage import ArraySeries, Querier, SelectHints, Series
@@ -128,7 +128,7 @@ class TieredQuerier:
             try:
                 out.append(fn(src))
             except (BucketError, StorageError) as e:
-                if src is self._head:
+                if src is self._head or isinstance(e, SampleLimitExceeded):
                     raise
                 self._failed(f"reading block {getattr(src, 'ulid', '?')}", e)
         return out

@@ -801,6 +801,7 @@ class BlockReader:
         pos[groups] = np.concatenate(([0], np.cumsum(np.diff(footer.rg_start)[groups])[:-1]))
         out: list[BlockSeries] = []
         rg_start = footer.rg_start
+        budget = hints.budget if hints is not None else None
         for k, ref in enumerate(refs.tolist()):
             s, e = int(starts[k]), int(ends[k])
             pieces_t, pieces_v = [], []
@@ -818,6 +819,8 @@ class BlockReader:
             sv = pieces_v[0] if len(pieces_v) == 1 else np.concatenate(pieces_v)
             i, j = np.searchsorted(st, mint, "left"), np.searchsorted(st, maxt, "right")
             if i < j:
+                if budget is not None:
+                    budget.take(int(j - i))
                 out.append(BlockSeries(index.labels[ref], st[i:j].copy(), sv[i:j].copy()))
         return out
 

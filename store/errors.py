@@ -42,6 +42,10 @@ class InvalidLabels(SampleRejected):
     reason = "invalid_labels"
 
 
+class SampleLimitExceeded(StorageError):
+    """A selection would load more samples than the query's ``SampleBudget`` allows."""
+
+
 class CorruptChunk(StorageError, ValueError):
     """Chunk bytes that do not decode."""
 

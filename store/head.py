@@ -31,7 +31,7 @@ from store.errors import CorruptChunk, UnsupportedVersion
 from store.labels import METRIC_NAME, Labels
 from store.matchers import Matcher
 from store.postings import MemPostings
-from store.storage import SelectHints
+from store.storage import SampleBudget, SelectHints
 from store.writerequest import HAS_HISTOGRAMS, NEEDS_SLOW_PATH, S_FLAGS, S_HIST, S_SMP_N, WriteRequest
 from store.xorfast import encode as xor_encode
 
@@ -347,7 +347,8 @@ class Head:
                 refs=refs, mint=mint, maxt=maxt, last_chunk=self._s_last[refs],
                 open_ts=self._open_ts[refs], open_vb=self._open_vb[refs], open_n=self._open_n[refs],
                 s_first=self._s_first, c_mint=self._c_mint, c_maxt=self._c_maxt, c_off=self._c_off,
-                c_len=self._c_len, c_next=self._c_next, arena=self._arena)
+                c_len=self._c_len, c_next=self._c_next, arena=self._arena,
+                budget=hints.budget if hints is not None else None)
             labels = [self._labels[r] for r in refs.tolist()]
         order = sorted(range(len(labels)), key=labels.__getitem__)
         return [HeadSeries(labels[k], sel, k) for k in order]
@@ -548,6 +549,7 @@ class _Selection:
     c_len: np.ndarray
     c_next: np.ndarray
     arena: np.ndarray
+    budget: SampleBudget | None = None
     _decoded: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     _decode_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -558,6 +560,8 @@ class _Selection:
                 args = (self.refs, self.last_chunk, self.open_n, self.mint, self.maxt, self.s_first,
                         self.c_mint, self.c_maxt, self.c_off, self.c_next, self.arena)
                 cap = K.count_samples(*args)
+                if self.budget is not None:
+                    self.budget.take(cap)
                 ts = np.empty(cap, dtype=np.int64)
                 vb = np.empty(cap, dtype=np.uint64)
                 starts = np.empty(len(self.refs) + 1, dtype=np.int64)

@@ -586,9 +586,14 @@ class RemoteHead:
                hints: SelectHints | None = None) -> list[RemoteSeries]:
         req = encode_select_request(matchers, mint, maxt, hints)
         mint, maxt = _clamp(mint), _clamp(maxt)
-        return [RemoteSeries(labels, chunks, mint, maxt)
-                for msg in self._stream("Select", self._select_rpc, req)
-                for labels, chunks in decode_series_batch(msg)]
+        budget = hints.budget if hints is not None else None
+        out: list[RemoteSeries] = []
+        for msg in self._stream("Select", self._select_rpc, req):
+            batch = decode_series_batch(msg)
+            if budget is not None:  # charged per streamed batch, before anything is decoded
+                budget.take(sum(int.from_bytes(c.data[:2], "big") for _, chunks in batch for c in chunks))
+            out.extend(RemoteSeries(labels, chunks, mint, maxt) for labels, chunks in batch)
+        return out
 
     def series(self, matchers: Sequence[Matcher], mint: int, maxt: int) -> list[Labels]:
         """Label sets of the series ``select`` would return, without their data, sorted."""

@@ -7,14 +7,44 @@ ever see this interface.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
 from store.chunks import MAX_SAMPLES_PER_CHUNK, Chunk
+from store.errors import SampleLimitExceeded
 from store.labels import Labels
 from store.matchers import Matcher
+
+
+class SampleBudget:
+    """How many samples one query may still load into memory, shared by every source a
+    selection reads (thread-safe).
+
+    Sources call ``take`` with the number of samples they are about to materialise, before
+    decoding them, so a runaway selection stops before it has allocated its samples instead of
+    after; ``take`` raises ``SampleLimitExceeded`` once the total passes ``limit``.
+    """
+
+    __slots__ = ("limit", "_taken", "_lock")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._taken = 0
+        self._lock = threading.Lock()
+
+    @property
+    def taken(self) -> int:
+        return self._taken
+
+    def take(self, n: int) -> None:
+        with self._lock:
+            self._taken += n
+            over = self._taken > self.limit
+        if over:
+            raise SampleLimitExceeded(f"selection would load more than {self.limit} samples")
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,7 +53,8 @@ class SelectHints:
 
     ``start``/``end`` bound the samples needed (ms); ``step`` and ``range`` are
     those of the PromQL evaluation (ms, 0 when not applicable), ``func`` the
-    function applied to the selection, if any.
+    function applied to the selection, if any. ``budget``, when set, must be
+    charged with the samples a source materialises, before it decodes them.
     """
 
     start: int
@@ -31,6 +62,7 @@ class SelectHints:
     step: int = 0
     range: int = 0
     func: str = ""
+    budget: SampleBudget | None = None
 
 
 class Series(Protocol):
