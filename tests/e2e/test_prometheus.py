@@ -5,6 +5,13 @@ everything; then a set of range queries gets the same result from Flashback's
 API as from A's. Prometheus B, with empty local storage and ``remote_read``
 pointing at Flashback, returns the same results too.
 
+Every test runs against two targets holding the same data: a single-node
+Flashback (``flashback up``) and a cluster (``flashback.launcher.LocalCluster``:
+3 NATS servers, 3 shards x 3 head replicas, adapter, querier). A remote-writes
+to both at once (one ``remote_write`` entry each: the single node, the
+cluster's adapter); queries and remote_read go to the single node or to the
+cluster's querier, one B per target.
+
 Prometheus 2.42 selects range windows closed at the start ([t-r, t]), Prometheus
 3 and Flashback left-open ((t-r, t]). The evaluation grid is therefore shifted
 so that no scrape timestamp falls exactly on a window start, where the two
@@ -26,6 +33,7 @@ import time
 
 import pytest
 
+from tests.conftest import require_nats
 from tests.e2e.harness import PROMETHEUS, Flashback, Prometheus, get_json, wait_until
 
 pytestmark = pytest.mark.skipif(not os.path.exists(PROMETHEUS), reason="needs the Debian prometheus package")
@@ -41,6 +49,9 @@ scrape_configs:
 remote_write:
   - url: http://127.0.0.1:%(fb)d/api/v1/write
     queue_config: {batch_send_deadline: 500ms, max_samples_per_send: 2000}
+%(more_writes)s"""
+MORE_WRITE = """  - url: %(url)s
+    queue_config: {batch_send_deadline: 500ms, max_samples_per_send: 2000}
 """
 
 READ_ONLY = """
@@ -48,9 +59,11 @@ global:
   scrape_interval: 1h
 scrape_configs: []
 remote_read:
-  - url: http://127.0.0.1:%(fb)d/api/v1/read
+  - url: %(read_url)s
     read_recent: true
 """
+
+TARGETS = ("single", "cluster")
 
 RANGES_MS = (10_000, 300_000)  # the [10s] windows and the lookback delta
 
@@ -109,35 +122,89 @@ def _grid(prom: Prometheus, end_s: float, span_s: int, step_s: int) -> tuple[flo
     raise AssertionError("no collision-free evaluation grid")
 
 
+class Stack:
+    """A, and per target the port answering queries and the remote-reading B."""
+
+    def __init__(self, a: Prometheus, query_ports: dict[str, int], readers: dict[str, Prometheus]) -> None:
+        self.a = a
+        self.query_ports = query_ports
+        self.readers = readers
+
+    def port(self, target: str) -> int:
+        if target == "cluster":
+            require_nats()
+        return self.query_ports[target]
+
+    def reader(self, target: str) -> Prometheus:
+        if target == "cluster":
+            require_nats()
+        return self.readers[target]
+
+
+def _start_cluster(directory: str):
+    """The cluster target, or None when no nats-server is installed (its tests then fail or skip)."""
+    from flashback.launcher import LocalCluster
+    from store.natscluster import NatsServerError, find_nats_server
+
+    try:
+        find_nats_server()
+    except NatsServerError:
+        return None
+    c = LocalCluster(directory, shards=3, replicas=3)
+    try:
+        c.start(timeout=180)
+    except BaseException:
+        c.stop()
+        raise
+    return c
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     fb = Flashback(str(tmp / "flashback")).start()
-    a = Prometheus(str(tmp / "prom-a"), SCRAPE_AND_WRITE % {"fb": fb.port}).start()
-    b = Prometheus(str(tmp / "prom-b"), READ_ONLY % {"fb": fb.port}).start()
+    started: list = [fb]
     try:
-        yield fb, a, b
+        cluster = _start_cluster(str(tmp / "cluster"))
+        if cluster is not None:
+            started.append(cluster)
+        more = MORE_WRITE % {"url": cluster.write_url} if cluster else ""
+        a = Prometheus(str(tmp / "prom-a"), SCRAPE_AND_WRITE % {"fb": fb.port, "more_writes": more}).start()
+        started.append(a)
+        query_ports = {"single": fb.port}
+        readers = {"single": Prometheus(str(tmp / "prom-b"),
+                                        READ_ONLY % {"read_url": f"http://127.0.0.1:{fb.port}/api/v1/read"})}
+        if cluster is not None:
+            query_ports["cluster"] = int(cluster.query_url.rsplit(":", 1)[1])
+            readers["cluster"] = Prometheus(str(tmp / "prom-b-cluster"),
+                                            READ_ONLY % {"read_url": f"{cluster.query_url}/api/v1/read"})
+        for b in readers.values():
+            b.start()
+            started.append(b)
+        yield Stack(a, query_ports, readers)
     finally:
-        for p in (a, b):
+        for p in reversed(started):
             p.stop()
-        fb.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def window(stack):
-    fb, a, _ = stack
+    a = stack.a
     time.sleep(40)  # let A scrape and ship ~40 rounds
     end_s = time.time() - 5
     span_s, step_s = 20, 2
     start, end = _grid(a, end_s, span_s, step_s)
 
     def caught_up() -> bool:
-        doc = get_json(fb.port, "/api/v1/query", {"query": "timestamp(up)", "time": end + 1})
-        res = doc["data"]["result"]
-        return len(res) == 2 and all(float(s["value"][1]) >= end for s in res)
+        for port in stack.query_ports.values():
+            doc = get_json(port, "/api/v1/query", {"query": "timestamp(up)", "time": end + 1})
+            res = doc["data"]["result"]
+            if not (len(res) == 2 and all(float(s["value"][1]) >= end for s in res)):
+                return False
+        return True
 
-    wait_until(caught_up, 60, "Flashback to hold A's samples up to the end of the window")
+    wait_until(caught_up, 60, "every target to hold A's samples up to the end of the window")
     return start, end, step_s
 
 
@@ -154,13 +221,14 @@ def _first_sample_steps(prom: Prometheus, metric: str, start: float, end: float,
     return frozenset(out)
 
 
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("name", sorted(QUERIES))
-def test_flashback_answers_like_prometheus(stack, window, name):
-    fb, a, _ = stack
+def test_flashback_answers_like_prometheus(stack, window, name, target):
+    a = stack.a
     start, end, step = window
     params = {"query": QUERIES[name], "start": start, "end": end, "step": step}
     want = get_json(a.port, "/api/v1/query_range", params)["data"]
-    got = get_json(fb.port, "/api/v1/query_range", params)["data"]
+    got = get_json(stack.port(target), "/api/v1/query_range", params)["data"]
     assert want["result"], f"{name}: Prometheus returned nothing; the test would prove nothing"
     skip = frozenset()
     if name in EXTRAPOLATING:
@@ -170,9 +238,10 @@ def test_flashback_answers_like_prometheus(stack, window, name):
     assert _same(want, got, skip=skip) == "", name
 
 
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("name", sorted(QUERIES))
-def test_remote_read_prometheus_answers_like_prometheus(stack, window, name):
-    _, a, b = stack
+def test_remote_read_prometheus_answers_like_prometheus(stack, window, name, target):
+    a, b = stack.a, stack.reader(target)
     start, end, step = window
     params = {"query": QUERIES[name], "start": start, "end": end, "step": step}
     want = get_json(a.port, "/api/v1/query_range", params)["data"]
@@ -181,13 +250,14 @@ def test_remote_read_prometheus_answers_like_prometheus(stack, window, name):
     assert _same(want, got) == "", name
 
 
-def test_series_and_labels_endpoints_agree(stack, window):
-    fb, a, _ = stack
+@pytest.mark.parametrize("target", TARGETS)
+def test_series_and_labels_endpoints_agree(stack, window, target):
+    a, port = stack.a, stack.port(target)
     start, end, _ = window
     params = {"match[]": "up", "start": start, "end": end}
     want = get_json(a.port, "/api/v1/series", params)["data"]
-    got = get_json(fb.port, "/api/v1/series", params)["data"]
+    got = get_json(port, "/api/v1/series", params)["data"]
     assert sorted(map(lambda d: sorted(d.items()), want)) == sorted(map(lambda d: sorted(d.items()), got))
-    names = get_json(fb.port, "/api/v1/label/__name__/values", {"start": start, "end": end})["data"]
+    names = get_json(port, "/api/v1/label/__name__/values", {"start": start, "end": end})["data"]
     assert "up" in names and "prometheus_http_requests_total" in names
     assert "flashback_head_series" in names  # Flashback's own /metrics, scraped by A
