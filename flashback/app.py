@@ -19,7 +19,9 @@ from compactor.retention import RetentionKeeper, RetentionMetrics, RetentionOpti
 from flashback.config import Options
 from querier.api import QueryAPI, ServerInfo
 from querier.engine import Engine
+from querier.frontend import AllChanges, BlockChanges, HeadChanges, QueryFrontend
 from querier.tiered import BucketBlocks, TieredQuerier
+from store.cache import CacheMetrics
 from store.bucket import MetricsBucket, RetryingBucket, bucket_from_config
 from store.db import DB
 from store.httpserver import HTTPServer, Request, Response, Router
@@ -37,6 +39,7 @@ class App:
         os.makedirs(options.data_dir, exist_ok=True)
         self.db = DB.open(options.data_dir, options.db, registry=self.registry)
         self.bucket = MetricsBucket(RetryingBucket(bucket_from_config(options.bucket_config())), self.registry)
+        cache_metrics = CacheMetrics(self.registry)
         blocks = BucketBlocks(self.bucket)
 
         def querier() -> TieredQuerier:
@@ -67,7 +70,13 @@ class App:
                                  "data-dir": options.data_dir},
                           start_time=time.time(), cwd=os.getcwd(),
                           tsdb_stats=lambda limit: self.db.head.tsdb_stats(limit))
-        router.include(QueryAPI(querier, engine, time.time, info).router())
+        q = options.query
+        frontend = QueryFrontend(
+            engine, changes=AllChanges([HeadChanges(self.db.head.changes), BlockChanges(blocks.live)]),
+            split_interval_ms=q.split_interval_ms, cache_bytes=q.results_cache_bytes,
+            max_concurrency=q.max_concurrency, align_queries_with_step=q.align_queries_with_step,
+            registry=self.registry, cache_metrics=cache_metrics)
+        router.include(QueryAPI(querier, engine, time.time, info, frontend).router())
         router.route("/metrics", self._metrics, name="metrics")
         router.route("/-/healthy", lambda _: Response(200, b"Flashback is Healthy.\n"), ("GET", "HEAD"),
                      name="healthy")

@@ -29,6 +29,14 @@ Example (every key optional; these are the defaults)::
       lookback_delta: 5m
       max_samples: 50000000
       timeout: 2m
+      max_concurrency: 20          # queries evaluating at once; more wait in line until their timeout
+      split_interval: 24h          # range queries are split at multiples of this and cached per split
+      results_cache_size: 256MiB   # answers of splits, kept while the data under them is unchanged
+      align_queries_with_step: false   # round start/end of range queries down to a multiple of step
+      caches:                      # bucket caches, bounded by bytes
+        metadata: 16MiB            # block lists and meta.json
+        index: 256MiB              # block index files and data-file footers
+        chunks: 512MiB             # decoded column chunks of blocks
 """
 
 from __future__ import annotations
@@ -68,11 +76,33 @@ def parse_duration_ms(value: object, key: str) -> int:
     return total
 
 
+_BYTES = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$")
+_BYTE_UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30,
+               "KB": 10**3, "MB": 10**6, "GB": 10**9}
+
+
+def parse_bytes(value: object, key: str) -> int:
+    """A size: an integer number of bytes or ``512MiB``, ``1GiB``, ``100MB``; 0 turns a cache off."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    m = _BYTES.match(str(value)) if not isinstance(value, bool) else None
+    if m is None:
+        raise ConfigError(f"{key}: cannot parse {value!r} as a size (e.g. 512MiB, 1GiB, 0)")
+    return int(m.group(1)) * _BYTE_UNITS[m.group(2)]
+
+
 @dataclass(frozen=True, slots=True)
 class QueryOptions:
     lookback_delta_ms: int = 300_000
     max_samples: int = 50_000_000
     timeout_s: float = 120.0
+    max_concurrency: int = 20
+    split_interval_ms: int = 86_400_000
+    results_cache_bytes: int = 256 << 20
+    align_queries_with_step: bool = False
+    metadata_cache_bytes: int = 16 << 20
+    index_cache_bytes: int = 256 << 20
+    chunks_cache_bytes: int = 512 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +209,16 @@ def load(path: str | None, *, listen: str | None = None, data_dir: str | None = 
         raise ConfigError("compactor: window and interval must be positive")
     _unknown(wal, {"checkpoint_interval"}, "wal")
     _unknown(rw, {"max_body_bytes"}, "remote_write")
-    _unknown(q, {"lookback_delta", "max_samples", "timeout"}, "query")
+    _unknown(q, {"lookback_delta", "max_samples", "timeout", "max_concurrency", "split_interval",
+                 "results_cache_size", "align_queries_with_step", "caches"}, "query")
+    caches = _section(q, "caches")
+    _unknown(caches, {"metadata", "index", "chunks"}, "query.caches")
+    max_concurrency = q.get("max_concurrency", 20)
+    if not isinstance(max_concurrency, int) or isinstance(max_concurrency, bool) or max_concurrency <= 0:
+        raise ConfigError("query.max_concurrency: expected a positive integer")
+    align = q.get("align_queries_with_step", False)
+    if not isinstance(align, bool):
+        raise ConfigError("query.align_queries_with_step: expected true or false")
     host, port = parse_listen(listen or str(doc.get("listen", "127.0.0.1:9201")))
     try:
         head_opts = HeadOptions(
@@ -208,4 +247,11 @@ def load(path: str | None, *, listen: str | None = None, data_dir: str | None = 
         query=QueryOptions(
             lookback_delta_ms=parse_duration_ms(q.get("lookback_delta", "5m"), "query.lookback_delta"),
             max_samples=max_samples,
-            timeout_s=parse_duration_ms(q.get("timeout", "2m"), "query.timeout") / 1000))
+            timeout_s=parse_duration_ms(q.get("timeout", "2m"), "query.timeout") / 1000,
+            max_concurrency=max_concurrency,
+            split_interval_ms=parse_duration_ms(q.get("split_interval", "24h"), "query.split_interval"),
+            results_cache_bytes=parse_bytes(q.get("results_cache_size", "256MiB"), "query.results_cache_size"),
+            align_queries_with_step=align,
+            metadata_cache_bytes=parse_bytes(caches.get("metadata", "16MiB"), "query.caches.metadata"),
+            index_cache_bytes=parse_bytes(caches.get("index", "256MiB"), "query.caches.index"),
+            chunks_cache_bytes=parse_bytes(caches.get("chunks", "512MiB"), "query.caches.chunks")))

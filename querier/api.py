@@ -28,6 +28,7 @@ from querier.aggregations import format_value
 from querier.cluster import ShardUnavailable
 from querier.engine import Engine, parse, selector_matchers
 from querier.errors import QueryError
+from querier.frontend import QueryFrontend
 from querier.values import Result
 from store.errors import BucketError, InvalidMatcher, StorageError
 from store.httpserver import Request, Response, Router
@@ -223,9 +224,10 @@ class QueryAPI:
     """
 
     def __init__(self, querier_factory: Callable[[], Querier], engine: Engine, now: Callable[[], float],
-                 info: ServerInfo | None = None) -> None:
+                 info: ServerInfo | None = None, frontend: QueryFrontend | None = None) -> None:
         self._querier_factory = querier_factory
         self._engine = engine
+        self._frontend = frontend
         self._now = now
         self._info = info or ServerInfo(start_time=now())
 
@@ -339,8 +341,15 @@ class QueryAPI:
             raise _bad("query", str(e)) from None
         q = self._querier(form)
         began = time.perf_counter()
-        res = self._engine.instant(q, expr, t, timeout_s=timeout, lookback_delta_ms=lookback,
-                                   cancelled=req.disconnected)
+        gate = self._frontend.gate if self._frontend is not None else None
+        if gate is not None:
+            gate.acquire(time.monotonic() + (timeout if timeout is not None else self._engine.timeout_s))
+        try:
+            res = self._engine.instant(q, expr, t, timeout_s=timeout, lookback_delta_ms=lookback,
+                                       cancelled=req.disconnected)
+        finally:
+            if gate is not None:
+                gate.release()
         return _success(result_json(res, self._stats(form, res, began)), res.warnings + _storage_warnings(q),
                         res.infos)
 
@@ -374,6 +383,13 @@ class QueryAPI:
         if isinstance(_unparen(ast), (pp.MatrixSelector, pp.StringLiteral)):
             kind = "range vector" if isinstance(_unparen(ast), pp.MatrixSelector) else "string"
             raise _bad("query", f'invalid expression type "{kind}" for range query, must be Scalar or instant Vector')
+        if self._frontend is not None:
+            self._querier(form)  # validates the querier's parameters before anything is evaluated
+            began = time.perf_counter()
+            res = self._frontend.range(lambda: self._querier(form), expr, start, end, step, timeout_s=timeout,
+                                       lookback_delta_ms=lookback, cancelled=req.disconnected,
+                                       key=_answer_key(form))
+            return _success(result_json(res, self._stats(form, res, began)), res.warnings, res.infos)
         q = self._querier(form)
         began = time.perf_counter()
         res = self._engine.range(q, expr, start, end, step, timeout_s=timeout,
@@ -539,6 +555,15 @@ class QueryAPI:
 
     def alerts(self, req: Request) -> Response:
         return _success('{"alerts":[]}')
+
+
+# Parameters of query_range that do not change the answer of a split (or are part of its key already).
+_NOT_IN_KEY = frozenset({"query", "start", "end", "step", "timeout", "stats", "lookback_delta"})
+
+
+def _answer_key(form: dict[str, list[str]]) -> tuple:
+    """The other parameters of a range query, which may change its answer (e.g. the data's resolution)."""
+    return tuple(sorted((k, tuple(v)) for k, v in form.items() if k not in _NOT_IN_KEY))
 
 
 def _storage_warnings(q: Querier) -> list[str]:

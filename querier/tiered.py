@@ -84,6 +84,20 @@ class BucketBlocks:
             self._readers = {u: self._readers.get(u) or BlockReader(self._bucket, u, meta=m) for u, m in live.items()}
             self._loaded_at = self._clock()
 
+    def _refresh_if_due(self) -> None:
+        if self._loaded_at is None or self._clock() - self._loaded_at >= self._refresh_s:
+            self.refresh()
+
+    def live(self) -> list[tuple[str, int, int]]:
+        """(ULID, minTime, maxTime) of the live blocks, refreshed as ``readers`` does; the last
+        known list when the bucket cannot be listed (for the results cache's ``BlockChanges``)."""
+        try:
+            self._refresh_if_due()
+        except BucketError as e:
+            log.warning("cannot list the bucket", extra={"err": str(e)})
+        with self._lock:
+            return [(u, r.meta.min_time, r.meta.max_time) for u, r in self._readers.items()]
+
     def readers(self, mint: int, maxt: int) -> list[BlockReader]:
         """Readers of the live raw blocks overlapping ``[mint, maxt]``, by ULID."""
         if self._loaded_at is None or self._clock() - self._loaded_at >= self._refresh_s:

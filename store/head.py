@@ -31,6 +31,7 @@ from store.errors import CorruptChunk, UnsupportedVersion
 from store.labels import METRIC_NAME, Labels
 from store.matchers import Matcher
 from store.postings import MemPostings
+from store.changes import ChangeTracker
 from store.storage import SampleBudget, SelectHints
 from store.writerequest import HAS_HISTOGRAMS, NEEDS_SLOW_PATH, S_FLAGS, S_HIST, S_SMP_N, WriteRequest
 from store.xorfast import encode as xor_encode
@@ -124,6 +125,7 @@ class Head:
         self._postings = MemPostings()
         self._max_t = INT64_MIN
         self._min_valid = INT64_MIN  # appends older than this are out of bounds (persisted windows)
+        self.changes = ChangeTracker()  # where appends changed the data, for results caches
         n = 1024
         # Series table (power-of-two size, at most half full).
         self._t_hash = np.zeros(2 * n, dtype=np.uint64)
@@ -311,7 +313,9 @@ class Head:
         counts = np.bincount(status, minlength=6)
         result.appended = int(counts[K.OK])
         if result.appended:
-            self._max_t = max(self._max_t, int(req.ts[status == K.OK].max()))
+            ok_ts = req.ts if result.appended == n else req.ts[status == K.OK]
+            self._max_t = max(self._max_t, int(ok_ts.max()))
+            self.changes.record(ok_ts)
         for code, reason in _STATUS_REASON.items():
             if counts[code]:
                 j = int(np.argmax(status == code))
@@ -428,7 +432,7 @@ class Head:
                 fresh._open_n[ref] = on
                 fresh._last_ts[ref], fresh._last_vb[ref] = self._last_ts[k], self._last_vb[k]
                 fresh._s_mint[ref] = chunks[0].mint if chunks else int(self._open_ts[k, 0])
-            keep = {"options", "_lock", "_max_t", "_min_valid", "_m_appended", "_m_rejected"}
+            keep = {"options", "_lock", "_max_t", "_min_valid", "changes", "_m_appended", "_m_rejected"}
             for name, value in vars(fresh).items():
                 if name not in keep:
                     setattr(self, name, value)
