@@ -18,6 +18,7 @@ import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import yaml
 
@@ -88,9 +89,19 @@ class Process:
 
 
 class LocalCluster:
-    """A cluster of ``shards`` x ``replicas`` on loopback under ``directory``."""
+    """A cluster of ``shards`` x ``replicas`` on loopback under ``directory``.
 
-    def __init__(self, directory: str, shards: int = 3, replicas: int = 3, nats_servers: int = 3) -> None:
+    Args:
+        objstore: the bucket (Thanos objstore format) of the compactors and the querier; by
+            default a FILESYSTEM bucket under ``directory/bucket``.
+        store_flags: extra flags of every ``flashback store``.
+        compactor_flags: extra flags of every ``flashback compactor`` (``--window``, ``--grace``,
+            ``--interval``, ``--levels``).
+    """
+
+    def __init__(self, directory: str, shards: int = 3, replicas: int = 3, nats_servers: int = 3, *,
+                 objstore: dict | None = None, store_flags: Sequence[str] = (),
+                 compactor_flags: Sequence[str] = ()) -> None:
         self.directory = os.path.abspath(directory)
         os.makedirs(self.directory, exist_ok=True)
         self.nats = NatsCluster(os.path.join(self.directory, "nats"), size=nats_servers)
@@ -99,13 +110,18 @@ class LocalCluster:
         self.topology_path = os.path.join(self.directory, "topology.yml")
         self.objstore_path = os.path.join(self.directory, "objstore.yml")
         self.topology: Topology | None = None
+        self.objstore = objstore or {"type": "FILESYSTEM", "config": {"directory": os.path.join(self.directory, "bucket")}}
+        self.store_flags = list(store_flags)
+        self.compactor_flags = list(compactor_flags)
 
     def _add(self, name: str, args: list[str], http: str, **extra) -> Process:
         p = Process(name, args, http, os.path.join(self.directory, f"{name}.log"), extra=extra)
         self.processes[name] = p
         return p
 
-    def start(self, timeout: float = 120) -> "LocalCluster":
+    def start(self, timeout: float = 120, compactors: bool = True) -> "LocalCluster":
+        """Starts NATS and every role and waits until all are ready; the compactors only if
+        ``compactors`` (else ``start_compactors`` does later)."""
         self.nats.start()
         # Two ports per replica, one per compactor, adapter and querier: allocated together.
         ports = iter(_free_ports(2 * self.n_shards * self.n_replicas + self.n_shards + 2))
@@ -118,25 +134,34 @@ class LocalCluster:
         with open(self.topology_path, "w") as f:
             f.write(self.topology.to_yaml())
         with open(self.objstore_path, "w") as f:
-            yaml.safe_dump({"type": "FILESYSTEM", "config": {"directory": os.path.join(self.directory, "bucket")}}, f)
+            yaml.safe_dump(self.objstore, f)
         topo = ["--topology", self.topology_path]
         for s in shards:
             for r in s.replicas:
                 self._add(f"store-{s.name}-{r.name}", ["store", *topo, "--shard", s.name, "--replica", r.name,
                           "--data-dir", os.path.join(self.directory, f"store-{s.name}-{r.name}"),
-                          "--listen", r.http, "--grpc-listen", r.grpc], r.http)
+                          "--listen", r.http, "--grpc-listen", r.grpc, *self.store_flags], r.http)
             http = f"127.0.0.1:{next(ports)}"
             self._add(f"compactor-{s.name}", ["compactor", *topo, "--shard", s.name, "--listen", http,
                       "--objstore.config-file", self.objstore_path,
-                      "--data-dir", os.path.join(self.directory, f"compactor-{s.name}")], http)
+                      "--data-dir", os.path.join(self.directory, f"compactor-{s.name}"), *self.compactor_flags],
+                      http)
         http = f"127.0.0.1:{next(ports)}"
         self._add("adapter", ["adapter", *topo, "--listen", http], http)
         http = f"127.0.0.1:{next(ports)}"
         self._add("querier", ["querier", *topo, "--listen", http, "--objstore.config-file", self.objstore_path], http)
-        for p in self.processes.values():
-            p.start()
-        self.wait_ready(timeout)
+        names = [n for n in self.processes if compactors or not n.startswith("compactor-")]
+        for n in names:
+            self.processes[n].start()
+        self.wait_ready(timeout, names)
         return self
+
+    def start_compactors(self, timeout: float = 120) -> None:
+        """Starts the compactors left out by ``start(compactors=False)`` and waits until ready."""
+        names = [n for n in self.processes if n.startswith("compactor-")]
+        for n in names:
+            self.processes[n].start()
+        self.wait_ready(timeout, names)
 
     def wait_ready(self, timeout: float = 120, names: list[str] | None = None) -> None:
         deadline = time.monotonic() + timeout
@@ -162,7 +187,7 @@ class LocalCluster:
     def describe(self) -> str:
         lines = [f"NATS:      {', '.join(self.nats.urls)}",
                  f"topology:  {self.topology_path}",
-                 f"bucket:    {os.path.join(self.directory, 'bucket')}",
+                 f"bucket:    {self.objstore_path}",
                  f"adapter:   {self.write_url}   (Prometheus remote_write)",
                  f"querier:   {self.query_url}   (Grafana data source, remote_read at /api/v1/read)"]
         for name, p in sorted(self.processes.items()):

