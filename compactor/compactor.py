@@ -48,7 +48,7 @@ A pass (``run_once``)
 Each step is idempotent, and each step's effects are ordered so that a crash
 between any two bucket operations leaves a state the next pass completes::
 
-    sync ──> persist windows ──> collect garbage ──> merge overlaps ──> compact levels ──> sync
+    sync ──> persist windows ──> collect garbage ──> merge overlaps ──> compact levels ──> sync ──> downsample
      │            │                    │                    │                 │
      │            ▼                    ▼                    ▼                 ▼
      │     for each closed        contained blocks:    overlapping       per level, each
@@ -60,7 +60,8 @@ between any two bucket operations leaves a state the next pass completes::
      │     verify -> on_persisted
      ▼
     refresh the catalog; verify our blocks the source still holds data of,
-    then on_persisted(watermark) if it moved
+    then on_persisted(watermark) if it moved; then the downsampler, if given, makes
+    the 5m and 1h blocks of our raw blocks (``compactor/downsample.py``)
 
 1. **persist**: windows are visited in time order from the watermark (from the
    source's first sample when the bucket holds none of our blocks, found by
@@ -115,7 +116,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -129,6 +130,9 @@ from store.labels import Labels
 from store.matchers import Matcher, MatchType
 from store.storage import Querier, SelectHints
 
+if TYPE_CHECKING:
+    from compactor.downsample import Downsampler
+
 HOUR_MS = 3600_000
 DEFAULT_WINDOW_MS = 28 * HOUR_MS
 DEFAULT_GRACE_MS = HOUR_MS
@@ -141,7 +145,7 @@ INT64_MAX = (1 << 63) - 1
 # allowed by the Querier contract).
 ANY_SERIES = Matcher(MatchType.RE, "__name__", ".+")
 
-STEPS = ("sync", "persist", "garbage", "overlaps", "levels")
+STEPS = ("sync", "persist", "garbage", "overlaps", "levels", "downsample")
 
 
 def _wall_ms() -> int:
@@ -164,6 +168,7 @@ class RunResult:
     merged: list[BlockMeta] = field(default_factory=list)
     marked: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
+    downsampled: list[BlockMeta] = field(default_factory=list)
     watermark: int | None = None
 
     @property
@@ -184,7 +189,7 @@ class Compactor:
                  levels: Sequence[int] = DEFAULT_LEVELS, on_persisted: Callable[[int], None] | None = None,
                  registry: CollectorRegistry | None = None, now: Callable[[], int] = _wall_ms,
                  logger: logging.Logger | None = None, tmp_dir: str | None = None,
-                 rows_per_group: int | None = None) -> None:
+                 rows_per_group: int | None = None, downsampler: "Downsampler | None" = None) -> None:
         """Args:
             source: where closed windows are read from (the head); ``select`` with ``__name__=~".+"``.
             bucket: where blocks go.
@@ -201,6 +206,8 @@ class Compactor:
             logger: default ``logging.getLogger("compactor.compactor")``.
             tmp_dir: directory for block files being written or verified.
             rows_per_group: data file row group size (default: the block format's).
+            downsampler: run as the last step of every pass (``compactor/downsample.py``), so
+                every block this pass wrote is downsampled in the same pass.
         """
         if window_ms <= 0:
             raise ValueError(f"window_ms must be positive, got {window_ms}")
@@ -219,6 +226,7 @@ class Compactor:
         self._labels = Labels.from_dict(external_labels or {})
         self._ranges = tuple(n * window_ms for n in levels)
         self._on_persisted = on_persisted
+        self._downsampler = downsampler
         self._now = now
         self._log = logger or logging.getLogger(__name__)
         self._tmp_dir = tmp_dir
@@ -329,6 +337,9 @@ class Compactor:
                 self._compact_levels(result)
                 self._step = "sync"
                 self._sync(result)
+                if self._downsampler is not None:
+                    self._step = "downsample"
+                    result.downsampled = self._downsampler.run_once().written
             except Exception as err:
                 self._m_failures.labels(self._step).inc()
                 self._log.error("compactor pass failed", exc_info=True,

@@ -36,7 +36,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable, Iterable, Mapping, NamedTuple, Sequence
+from typing import BinaryIO, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -54,7 +54,9 @@ from store.postings import MemPostings
 from store.storage import ArraySeries, SelectHints
 
 FORMAT = "flashback-block"
-VERSION = 1
+VERSION = 1  # raw samples (resolution 0)
+AGGREGATE_VERSION = 2  # downsampled aggregates (resolution > 0)
+VERSIONS = (VERSION, AGGREGATE_VERSION)
 
 META_FILE = "meta.json"
 DATA_FILE = "data.parquet"
@@ -80,6 +82,23 @@ INDEX_SCHEMA = pa.schema([
     pa.field("maxt", pa.int64(), nullable=False),
     pa.field("first_row", pa.int64(), nullable=False),
     pa.field("num_rows", pa.int64(), nullable=False),
+])
+
+# Version 2 (downsampled): one row per series and interval of ``resolution`` ms that holds samples.
+AGGREGATE_DATA_SCHEMA = pa.schema([
+    pa.field("ref", pa.uint32(), nullable=False),
+    pa.field("t", pa.int64(), nullable=False),
+    pa.field("count", pa.int64(), nullable=False),
+    pa.field("sum", pa.float64(), nullable=False),
+    pa.field("min", pa.float64(), nullable=False),
+    pa.field("max", pa.float64(), nullable=False),
+    pa.field("counter", pa.float64(), nullable=False),
+])
+AGGREGATE_COLUMNS = ("count", "sum", "min", "max", "counter")
+AGGREGATE_INDEX_SCHEMA = pa.schema(list(INDEX_SCHEMA) + [
+    pa.field("first_t", pa.int64(), nullable=False),
+    pa.field("first_v", pa.float64(), nullable=False),
+    pa.field("last_v", pa.float64(), nullable=False),
 ])
 
 # pyarrow reads this much of a file's end to find its footer.
@@ -114,7 +133,9 @@ class BlockMeta:
     downsampled data in ms, 0 for raw samples. ``sources`` are the ULIDs of the
     level-1 blocks whose data this block holds (itself for a level-1 block).
     ``labels`` are external labels shared by all series of the block (shard,
-    replica, tenant), not part of the series' labels.
+    replica, tenant), not part of the series' labels. ``version`` 1 blocks hold
+    raw samples (resolution 0), version 2 blocks per-interval aggregates
+    (resolution > 0); ``num_samples`` counts data rows (aggregates for version 2).
     """
 
     ulid: str
@@ -169,9 +190,9 @@ class BlockMeta:
         if fmt != FORMAT:
             raise UnsupportedBlockVersion(f"{context}: format {fmt!r} is not {FORMAT!r} "
                                           "(a Prometheus TSDB block, or not a block at all?)")
-        if version != VERSION or isinstance(version, bool):
+        if version not in VERSIONS or not isinstance(version, int) or isinstance(version, bool):
             raise UnsupportedBlockVersion(f"{context}: format version {version!r} is not supported "
-                                          f"(this reader knows version {VERSION})")
+                                          f"(this reader knows versions {', '.join(map(str, VERSIONS))})")
         try:
             stats, compaction = doc["stats"], doc["compaction"]
             files = tuple(BlockFile(_str(f["relPath"]), _int(f["sizeBytes"]), _sha(f["sha256"]))
@@ -196,6 +217,9 @@ class BlockMeta:
             raise CorruptBlock(f"{context}: invalid field: {type(err).__name__}: {err}") from None
         if meta.min_time >= meta.max_time:
             raise CorruptBlock(f"{context}: minTime {meta.min_time} is not below maxTime {meta.max_time}")
+        if (meta.version == AGGREGATE_VERSION) != (meta.resolution > 0) or meta.resolution < 0:
+            raise CorruptBlock(f"{context}: version {meta.version} with resolution {meta.resolution} "
+                               "(version 1 holds raw samples, resolution 0; version 2 aggregates, resolution > 0)")
         for name in (DATA_FILE, INDEX_FILE):
             meta.file(name)
         return meta
@@ -314,6 +338,37 @@ class _HashingWriter(io.RawIOBase):
         return EncodedFile(self._size, self._hash.hexdigest(), self._tail)
 
 
+class Aggregates(NamedTuple):
+    """Per-interval aggregates of one series in one downsampled block (format version 2).
+
+    Row ``i`` summarises the samples of interval ``[k * resolution, (k + 1) * resolution)``
+    with ``t[i]`` the timestamp of its last sample: their ``count``, ``sum``, ``min`` and
+    ``max``, and ``counter``, the series' value read as a counter, reset-adjusted from the
+    block's first sample on (``first_v`` plus every increase since, a decrease counting as a
+    reset to zero). ``first_t``/``first_v`` are the block's first sample of the series and
+    ``last_v`` the value of its last (at ``t[-1]``): readers join counters across blocks with
+    them (``store/docs/format/block.md``).
+    """
+
+    t: np.ndarray
+    count: np.ndarray
+    sum: np.ndarray
+    min: np.ndarray
+    max: np.ndarray
+    counter: np.ndarray
+    first_t: int
+    first_v: float
+    last_v: float
+
+
+AggregateData = tuple[Labels, Aggregates]
+
+_RAW_ENCODING = {"ref": "DELTA_BINARY_PACKED", "t": "DELTA_BINARY_PACKED", "v": "BYTE_STREAM_SPLIT"}
+_AGGREGATE_ENCODING = {"ref": "DELTA_BINARY_PACKED", "t": "DELTA_BINARY_PACKED", "count": "DELTA_BINARY_PACKED",
+                       "sum": "BYTE_STREAM_SPLIT", "min": "BYTE_STREAM_SPLIT", "max": "BYTE_STREAM_SPLIT",
+                       "counter": "BYTE_STREAM_SPLIT"}
+
+
 def encode_block(series: Iterable[SeriesData], data_out: BinaryIO, index_out: BinaryIO, *,
                  min_time: int, max_time: int, rows_per_group: int = DEFAULT_ROWS_PER_GROUP,
                  compression_level: int = DEFAULT_COMPRESSION_LEVEL) -> EncodedBlock:
@@ -332,75 +387,139 @@ def encode_block(series: Iterable[SeriesData], data_out: BinaryIO, index_out: Bi
     Raises:
         ValueError: the series break one of the rules above.
     """
+    def rows() -> Iterator[tuple[Labels, np.ndarray, list[np.ndarray], tuple]]:
+        for labels, ts, vs in series:
+            ts, vs = _check_series(labels, ts, vs, min_time, max_time)
+            if len(ts):
+                yield labels, ts, [vs], ()
+
+    return _encode(rows(), data_out, index_out, VERSION, DATA_SCHEMA, _RAW_ENCODING, INDEX_SCHEMA,
+                   min_time=min_time, max_time=max_time, rows_per_group=rows_per_group,
+                   compression_level=compression_level)
+
+
+def encode_aggregate_block(series: Iterable[AggregateData], data_out: BinaryIO, index_out: BinaryIO, *,
+                           resolution: int, min_time: int, max_time: int,
+                           rows_per_group: int = DEFAULT_ROWS_PER_GROUP,
+                           compression_level: int = DEFAULT_COMPRESSION_LEVEL) -> EncodedBlock:
+    """Encodes downsampled series (format version 2) into a data file and an index file.
+
+    Args:
+        series: ``(labels, aggregates)`` sorted by labels, each label set once; at most one row
+            per interval of ``resolution`` ms, rows in time order within ``[min_time, max_time)``,
+            ``count >= 1``, ``min <= max``, ``first_t <= t[0]``. Series without rows are left out.
+        resolution: the interval length in ms (> 0).
+        The rest as for ``encode_block``.
+
+    Raises:
+        ValueError: the series break one of the rules above.
+    """
+    if resolution <= 0:
+        raise ValueError(f"resolution must be positive, got {resolution}")
+
+    def rows() -> Iterator[tuple[Labels, np.ndarray, list[np.ndarray], tuple]]:
+        for labels, a in series:
+            ts = np.asarray(a.t)
+            if not isinstance(a, Aggregates):
+                raise ValueError(f"series {labels}: aggregates must be Aggregates, got {type(a).__name__}")
+            ts, _ = _check_series(labels, ts, np.asarray(a.sum), min_time, max_time)
+            if not len(ts):
+                continue
+            cols = [np.asarray(a.count, dtype=np.int64)] + [np.asarray(c, dtype=np.float64)
+                                                             for c in (a.sum, a.min, a.max, a.counter)]
+            if any(len(c) != len(ts) for c in cols):
+                raise ValueError(f"series {labels}: aggregate columns of different lengths")
+            k = ts // resolution
+            if len(k) > 1 and not (np.diff(k) > 0).all():
+                raise ValueError(f"series {labels}: two rows in one interval of {resolution} ms")
+            if (cols[0] < 1).any() or (cols[2] > cols[3]).any():
+                raise ValueError(f"series {labels}: a row with count < 1 or min > max")
+            if not min_time <= a.first_t <= int(ts[0]):
+                raise ValueError(f"series {labels}: first_t {a.first_t} outside [{min_time}, {int(ts[0])}]")
+            yield labels, ts, cols, (int(a.first_t), float(a.first_v), float(a.last_v))
+
+    return _encode(rows(), data_out, index_out, AGGREGATE_VERSION, AGGREGATE_DATA_SCHEMA, _AGGREGATE_ENCODING,
+                   AGGREGATE_INDEX_SCHEMA, min_time=min_time, max_time=max_time,
+                   rows_per_group=rows_per_group, compression_level=compression_level)
+
+
+def _check_series(labels: Labels, ts, vs, min_time: int, max_time: int) -> tuple[np.ndarray, np.ndarray]:
+    if not isinstance(labels, Labels):
+        raise ValueError(f"series labels must be Labels, got {type(labels).__name__}")
+    ts = np.asarray(ts)
+    vs = np.asarray(vs)
+    if ts.ndim != 1 or vs.ndim != 1 or len(ts) != len(vs):
+        raise ValueError(f"series {labels}: timestamps and values must be 1-D of one length, "
+                         f"got shapes {ts.shape} and {vs.shape}")
+    if len(ts) == 0:
+        return ts, vs
+    if ts.dtype.kind not in "iu" or vs.dtype.kind != "f":
+        raise ValueError(f"series {labels}: want integer timestamps and float values, "
+                         f"got {ts.dtype} and {vs.dtype}")
+    ts = ts.astype(np.int64, copy=False)
+    vs = vs.astype(np.float64, copy=False)
+    if len(ts) > 1 and not (np.diff(ts) > 0).all():
+        raise ValueError(f"series {labels}: timestamps are not strictly increasing")
+    first, last = int(ts[0]), int(ts[-1])
+    if first < min_time or last >= max_time:
+        raise ValueError(f"series {labels}: samples from {first} to {last} outside the block's "
+                         f"[{min_time}, {max_time})")
+    return ts, vs
+
+
+def _encode(rows: Iterable[tuple[Labels, np.ndarray, list[np.ndarray], tuple]], data_out: BinaryIO,
+            index_out: BinaryIO, version: int, data_schema: pa.Schema, encoding: dict[str, str],
+            index_schema: pa.Schema, *, min_time: int, max_time: int, rows_per_group: int,
+            compression_level: int) -> EncodedBlock:
+    """The encoder of both layouts: ``rows`` yields (labels, t, value columns, extra index values)."""
     if rows_per_group < 1:
         raise ValueError(f"rows_per_group must be positive, got {rows_per_group}")
     if min_time >= max_time:
         raise ValueError(f"min_time {min_time} must be below max_time {max_time}")
     data_w = _HashingWriter(data_out)
     writer = pq.ParquetWriter(
-        data_w, DATA_SCHEMA, compression="zstd", compression_level=compression_level, use_dictionary=False,
-        column_encoding={"ref": "DELTA_BINARY_PACKED", "t": "DELTA_BINARY_PACKED", "v": "BYTE_STREAM_SPLIT"},
-        write_statistics=["t"], write_page_checksum=True, store_schema=False)
+        data_w, data_schema, compression="zstd", compression_level=compression_level, use_dictionary=False,
+        column_encoding=encoding, write_statistics=["t"], write_page_checksum=True, store_schema=False)
     ids: list[int] = []
     keys: list[bytes] = []
     mints: list[int] = []
     maxts: list[int] = []
     counts: list[int] = []
-    pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    extras: list[tuple] = []
+    pending: list[list[np.ndarray]] = []
     buffered = 0
     prev: Labels | None = None
 
     def flush(final: bool) -> None:
         nonlocal pending, buffered
-        refs = np.concatenate([p[0] for p in pending])
-        ts = np.concatenate([p[1] for p in pending])
-        vs = np.concatenate([p[2] for p in pending])
-        full = len(ts) if final else len(ts) - len(ts) % rows_per_group
+        cols = [np.concatenate([p[i] for p in pending]) for i in range(len(data_schema))]
+        n = len(cols[0])
+        full = n if final else n - n % rows_per_group
         if full:
-            table = pa.Table.from_arrays([pa.array(refs[:full]), pa.array(ts[:full]), pa.array(vs[:full])],
-                                         schema=DATA_SCHEMA)
+            table = pa.Table.from_arrays([pa.array(c[:full]) for c in cols], schema=data_schema)
             writer.write_table(table, row_group_size=rows_per_group)
-        pending = [(refs[full:], ts[full:], vs[full:])] if full < len(ts) else []
-        buffered = len(ts) - full
+        pending = [[c[full:] for c in cols]] if full < n else []
+        buffered = n - full
 
     try:
-        for labels, ts, vs in series:
-            if not isinstance(labels, Labels):
-                raise ValueError(f"series labels must be Labels, got {type(labels).__name__}")
+        for labels, ts, values, extra in rows:
             if prev is not None and not prev < labels:
                 raise ValueError(f"series are not sorted by labels: {labels} after {prev}")
             prev = labels
-            ts = np.asarray(ts)
-            vs = np.asarray(vs)
-            if ts.ndim != 1 or vs.ndim != 1 or len(ts) != len(vs):
-                raise ValueError(f"series {labels}: timestamps and values must be 1-D of one length, "
-                                 f"got shapes {ts.shape} and {vs.shape}")
-            if len(ts) == 0:
-                continue
-            if ts.dtype.kind not in "iu" or vs.dtype.kind != "f":
-                raise ValueError(f"series {labels}: want integer timestamps and float values, "
-                                 f"got {ts.dtype} and {vs.dtype}")
-            ts = ts.astype(np.int64, copy=False)
-            vs = vs.astype(np.float64, copy=False)
-            if len(ts) > 1 and not (np.diff(ts) > 0).all():
-                raise ValueError(f"series {labels}: timestamps are not strictly increasing")
-            first, last = int(ts[0]), int(ts[-1])
-            if first < min_time or last >= max_time:
-                raise ValueError(f"series {labels}: samples from {first} to {last} outside the block's "
-                                 f"[{min_time}, {max_time})")
             ref = len(keys)
             ids.append(labels.hash())
             keys.append(labels.canonical())
-            mints.append(first)
-            maxts.append(last)
+            mints.append(int(ts[0]))
+            maxts.append(int(ts[-1]))
             counts.append(len(ts))
-            pending.append((np.full(len(ts), ref, dtype=np.uint32), ts, vs))
+            extras.append(extra)
+            pending.append([np.full(len(ts), ref, dtype=np.uint32), ts, *values])
             buffered += len(ts)
             if buffered >= rows_per_group:
                 flush(False)
         if pending:
             flush(True)
-        writer.add_key_value_metadata({KV_VERSION: str(VERSION)})
+        writer.add_key_value_metadata({KV_VERSION: str(version)})
     finally:
         writer.close()
     data = data_w.result()
@@ -409,7 +528,7 @@ def encode_block(series: Iterable[SeriesData], data_out: BinaryIO, index_out: Bi
 
     counts_a = np.array(counts, dtype=np.int64)
     first_rows = np.concatenate(([0], np.cumsum(counts_a)[:-1])).astype(np.int64) if counts else counts_a
-    index = pa.Table.from_arrays([
+    columns = [
         pa.array(np.arange(len(keys), dtype=np.uint32)),
         pa.array(np.array(ids, dtype=np.uint64)),
         pa.array(keys, type=pa.binary()),
@@ -417,17 +536,22 @@ def encode_block(series: Iterable[SeriesData], data_out: BinaryIO, index_out: Bi
         pa.array(np.array(maxts, dtype=np.int64)),
         pa.array(first_rows),
         pa.array(counts_a),
-    ], schema=INDEX_SCHEMA)
+    ]
+    index_encoding = {"ref": "DELTA_BINARY_PACKED", "mint": "DELTA_BINARY_PACKED", "maxt": "DELTA_BINARY_PACKED",
+                      "first_row": "DELTA_BINARY_PACKED", "num_rows": "DELTA_BINARY_PACKED"}
+    for j, f in enumerate(list(index_schema)[len(INDEX_SCHEMA):]):
+        columns.append(pa.array([e[j] for e in extras], type=f.type))
+        if f.type == pa.int64():
+            index_encoding[f.name] = "DELTA_BINARY_PACKED"
+    index = pa.Table.from_arrays(columns, schema=index_schema)
     index_w = _HashingWriter(index_out)
     iw = pq.ParquetWriter(
-        index_w, INDEX_SCHEMA, compression="zstd", compression_level=compression_level,
+        index_w, index_schema, compression="zstd", compression_level=compression_level,
         use_dictionary=False, write_statistics=False, write_page_checksum=True, store_schema=False,
-        column_encoding={"ref": "DELTA_BINARY_PACKED", "mint": "DELTA_BINARY_PACKED",
-                         "maxt": "DELTA_BINARY_PACKED", "first_row": "DELTA_BINARY_PACKED",
-                         "num_rows": "DELTA_BINARY_PACKED"})
+        column_encoding=index_encoding)
     try:
         iw.write_table(index, row_group_size=max(1, len(keys)))
-        iw.add_key_value_metadata({KV_VERSION: str(VERSION), KV_FOOTER_BYTES: str(footer_bytes),
+        iw.add_key_value_metadata({KV_VERSION: str(version), KV_FOOTER_BYTES: str(footer_bytes),
                                    KV_FOOTER_SHA256: _footer_sha(data_out, data.size, footer_bytes)})
     finally:
         iw.close()
@@ -458,7 +582,7 @@ def write_block(bucket: Bucket, series: Iterable[SeriesData], *, min_time: int, 
         bucket: where the block goes.
         series: as for ``encode_block``: sorted by labels, samples in ``[min_time, max_time)``.
         min_time, max_time: the block's time range in ms, ``max_time`` exclusive.
-        resolution: sample spacing in ms of downsampled data, 0 for raw.
+        resolution: must be 0 (raw samples); kept for compatibility of calls.
         level: compaction level, 1 for a block made from a head window.
         sources: ULIDs of the level-1 blocks merged into this one; empty: the block itself.
         external_labels: labels of the whole block (shard, replica); recorded in meta.json.
@@ -482,15 +606,57 @@ def write_block(bucket: Bucket, series: Iterable[SeriesData], *, min_time: int, 
             raise ValueError(f"invalid source ULID {s!r}")
     if level < 1 or resolution < 0:
         raise ValueError(f"level must be at least 1 and resolution not negative, got {level} and {resolution}")
+    if resolution:
+        raise ValueError(f"raw samples are resolution 0, got {resolution}; downsampled blocks are written "
+                         "by write_aggregate_block")
+
+    def encode(data_f: BinaryIO, index_f: BinaryIO) -> EncodedBlock:
+        return encode_block(series, data_f, index_f, min_time=min_time, max_time=max_time,
+                            rows_per_group=rows_per_group, compression_level=compression_level)
+
+    return _write(bucket, encode, VERSION, block, min_time, max_time, resolution, level, sources,
+                  external_labels, tmp_dir)
+
+
+def write_aggregate_block(bucket: Bucket, series: Iterable[AggregateData], *, resolution: int, min_time: int,
+                          max_time: int, level: int = 1, sources: Sequence[str] = (),
+                          external_labels: Mapping[str, str] | None = None, ulid: str | None = None,
+                          now: Callable[[], int] = _wall_ms, rows_per_group: int = DEFAULT_ROWS_PER_GROUP,
+                          compression_level: int = DEFAULT_COMPRESSION_LEVEL,
+                          tmp_dir: str | None = None) -> BlockMeta:
+    """Writes a downsampled block (format version 2) of ``series`` at ``resolution`` ms.
+
+    Arguments as for ``write_block`` and ``encode_aggregate_block``; ``meta.json`` is uploaded last.
+    """
+    block = ulid if ulid is not None else ulids.new(now())
+    if not ulids.is_valid(block):
+        raise ValueError(f"invalid block ULID {block!r}")
+    for s in sources:
+        if not ulids.is_valid(s):
+            raise ValueError(f"invalid source ULID {s!r}")
+    if level < 1 or resolution <= 0:
+        raise ValueError(f"level must be at least 1 and resolution positive, got {level} and {resolution}")
+
+    def encode(data_f: BinaryIO, index_f: BinaryIO) -> EncodedBlock:
+        return encode_aggregate_block(series, data_f, index_f, resolution=resolution, min_time=min_time,
+                                      max_time=max_time, rows_per_group=rows_per_group,
+                                      compression_level=compression_level)
+
+    return _write(bucket, encode, AGGREGATE_VERSION, block, min_time, max_time, resolution, level, sources,
+                  external_labels, tmp_dir)
+
+
+def _write(bucket: Bucket, encode: Callable[[BinaryIO, BinaryIO], EncodedBlock], version: int, block: str,
+           min_time: int, max_time: int, resolution: int, level: int, sources: Sequence[str],
+           external_labels: Mapping[str, str] | None, tmp_dir: str | None) -> BlockMeta:
     with tempfile.TemporaryFile(dir=tmp_dir) as data_f, tempfile.TemporaryFile(dir=tmp_dir) as index_f:
-        enc = encode_block(series, data_f, index_f, min_time=min_time, max_time=max_time,
-                           rows_per_group=rows_per_group, compression_level=compression_level)
+        enc = encode(data_f, index_f)
         meta = BlockMeta(
             ulid=block, min_time=min_time, max_time=max_time, num_series=enc.num_series,
             num_samples=enc.num_samples, resolution=resolution, level=level,
             sources=tuple(sources) or (block,), labels=Labels.from_dict(external_labels or {}),
             files=(BlockFile(DATA_FILE, enc.data.size, enc.data.sha256),
-                   BlockFile(INDEX_FILE, enc.index.size, enc.index.sha256)))
+                   BlockFile(INDEX_FILE, enc.index.size, enc.index.sha256)), version=version)
         for f, name in ((data_f, DATA_FILE), (index_f, INDEX_FILE)):
             f.seek(0)
             bucket.upload(block + DIR_DELIM + name, f)
@@ -571,6 +737,11 @@ class _Index:
     ids: np.ndarray
     footer_bytes: int
     footer_sha256: str
+    version: int = VERSION
+    # Version 2 only: each series' first sample (time, value) and the value of its last.
+    first_t: np.ndarray | None = None
+    first_v: np.ndarray | None = None
+    last_v: np.ndarray | None = None
 
 
 @dataclass(slots=True)
@@ -579,7 +750,7 @@ class _Footer:
     rg_start: np.ndarray  # first row of each row group, plus the total at the end
     rg_tmin: np.ndarray
     rg_tmax: np.ndarray
-    col_range: np.ndarray  # [row group, column (t, v), (offset, length)]
+    col_range: np.ndarray  # [row group, column (t, v; or t and the aggregates), (offset, length)]
 
 
 def decode_index(data: bytes, context: str) -> _Index:
@@ -591,13 +762,14 @@ def decode_index(data: bytes, context: str) -> _Index:
     try:
         pf = pq.ParquetFile(pa.BufferReader(data), page_checksum_verification=True)
         kv = pf.metadata.metadata or {}
-        _check_version(kv, context)
+        version = _check_version(kv, context)
         table = pf.read()
     except BlockError:
         raise
     except (pa.ArrowException, OSError, ValueError) as err:
         raise CorruptBlock(f"{context}: does not decode: {err}") from None
-    if not table.schema.equals(INDEX_SCHEMA, check_metadata=False):
+    schema = AGGREGATE_INDEX_SCHEMA if version == AGGREGATE_VERSION else INDEX_SCHEMA
+    if not table.schema.equals(schema, check_metadata=False):
         raise CorruptBlock(f"{context}: unexpected schema {table.schema}")
     try:
         footer_bytes = int(kv[KV_FOOTER_BYTES])
@@ -614,10 +786,15 @@ def decode_index(data: bytes, context: str) -> _Index:
         ls = _parse_labels(key, context)
         postings.add(ref, ls)
         labels.append(ls)
+    extra = {}
+    if version == AGGREGATE_VERSION:
+        extra = {"first_t": table.column("first_t").to_numpy().astype(np.int64),
+                 "first_v": table.column("first_v").to_numpy().astype(np.float64),
+                 "last_v": table.column("last_v").to_numpy().astype(np.float64)}
     return _Index(labels=labels, postings=postings, all_refs=np.arange(n, dtype=np.int64),
                   mint=cols["mint"].astype(np.int64), maxt=cols["maxt"].astype(np.int64),
                   first_row=cols["first_row"].astype(np.int64), num_rows=cols["num_rows"].astype(np.int64),
-                  ids=cols["id"], footer_bytes=footer_bytes, footer_sha256=footer_sha)
+                  ids=cols["id"], footer_bytes=footer_bytes, footer_sha256=footer_sha, version=version, **extra)
 
 
 def _parse_labels(key: bytes, context: str) -> Labels:
@@ -634,17 +811,23 @@ def _parse_labels(key: bytes, context: str) -> Labels:
     return Labels.sorted_unchecked(pairs)
 
 
-def _check_version(kv: Mapping[bytes, bytes], context: str) -> None:
+def _check_version(kv: Mapping[bytes, bytes], context: str) -> int:
+    """The file's format version (1 or 2); raises UnsupportedBlockVersion for any other."""
     version = kv.get(KV_VERSION)
-    if version != str(VERSION).encode():
-        raise UnsupportedBlockVersion(f"{context}: format version {version!r} is not supported "
-                                      f"(this reader knows version {VERSION})")
+    for v in VERSIONS:
+        if version == str(v).encode():
+            return v
+    raise UnsupportedBlockVersion(f"{context}: format version {version!r} is not supported "
+                                  f"(this reader knows versions {', '.join(map(str, VERSIONS))})")
 
 
 def decode_footer(metadata: pq.FileMetaData, meta: BlockMeta, context: str) -> _Footer:
     """Checks the data file's Parquet metadata against meta.json and extracts what reads need."""
-    _check_version(metadata.metadata or {}, context)
-    if not metadata.schema.to_arrow_schema().equals(DATA_SCHEMA, check_metadata=False):
+    version = _check_version(metadata.metadata or {}, context)
+    if version != meta.version:
+        raise CorruptBlock(f"{context}: format version {version}, meta.json says {meta.version}")
+    schema = AGGREGATE_DATA_SCHEMA if version == AGGREGATE_VERSION else DATA_SCHEMA
+    if not metadata.schema.to_arrow_schema().equals(schema, check_metadata=False):
         raise CorruptBlock(f"{context}: unexpected schema {metadata.schema.to_arrow_schema()}")
     if metadata.num_rows != meta.num_samples:
         raise CorruptBlock(f"{context}: {metadata.num_rows} rows, meta.json counts {meta.num_samples} samples")
@@ -652,7 +835,8 @@ def decode_footer(metadata: pq.FileMetaData, meta: BlockMeta, context: str) -> _
     rg_start = np.zeros(n + 1, dtype=np.int64)
     tmin = np.empty(n, dtype=np.int64)
     tmax = np.empty(n, dtype=np.int64)
-    col_range = np.empty((n, 2, 2), dtype=np.int64)
+    ncols = len(schema) - 1  # every column but ``ref``: t, v (version 1) or t and the aggregates
+    col_range = np.empty((n, ncols, 2), dtype=np.int64)
     for i in range(n):
         rg = metadata.row_group(i)
         rg_start[i + 1] = rg_start[i] + rg.num_rows
@@ -660,7 +844,7 @@ def decode_footer(metadata: pq.FileMetaData, meta: BlockMeta, context: str) -> _
         if st is None or not st.has_min_max:
             raise CorruptBlock(f"{context}: row group {i} has no statistics of t")
         tmin[i], tmax[i] = st.min, st.max
-        for j, col in enumerate((1, 2)):
+        for j, col in enumerate(range(1, ncols + 1)):
             c = rg.column(col)
             start = c.dictionary_page_offset if c.has_dictionary_page else c.data_page_offset
             col_range[i, j] = (start, c.total_compressed_size)
@@ -672,6 +856,25 @@ class BlockSeries(ArraySeries):
     its chunks encoded on the fly (blocks store columns, not chunks)."""
 
     __slots__ = ()
+
+
+class AggregateSeries(ArraySeries):
+    """A series of a downsampled block's selection (``store.storage.Series``).
+
+    ``aggregates`` holds its rows in the selected range (``Aggregates``; ``first_t``,
+    ``first_v`` and ``last_v`` are the block's, whether or not the range includes them);
+    ``samples()`` are the interval averages ``sum / count`` at each row's ``t``, what a
+    reader that knows nothing of aggregates gets (Thanos' default for a plain selector).
+    """
+
+    __slots__ = ("aggregates", "resolution")
+
+    def __init__(self, labels: Labels, aggregates: Aggregates, resolution: int) -> None:
+        with np.errstate(all="ignore"):
+            avg = aggregates.sum / aggregates.count
+        super().__init__(labels, aggregates.t, avg)
+        self.aggregates = aggregates
+        self.resolution = resolution
 
 
 class BlockReader:
@@ -780,6 +983,8 @@ class BlockReader:
         """
         if mint > self._meta.max_time - 1 or maxt < self._meta.min_time:
             return []
+        if self._meta.version == AGGREGATE_VERSION:
+            return self._select_aggregates(matchers, mint, maxt, hints)
         index = self._load_index()
         refs = self._matching(index, matchers, mint, maxt)
         if not len(refs):
@@ -847,6 +1052,85 @@ class BlockReader:
             raise CorruptBlock(f"{self._ctx(DATA_FILE)}: row groups {groups.tolist()[:10]} do not decode: {err}") from None
         return (table.column("t").to_numpy().astype(np.int64, copy=False),
                 table.column("v").to_numpy().astype(np.float64, copy=False))
+
+    def _select_aggregates(self, matchers: Sequence[Matcher], mint: int, maxt: int,
+                           hints: SelectHints | None) -> list[AggregateSeries]:
+        """``select`` of a downsampled block: the rows with ``mint <= t <= maxt`` as ``AggregateSeries``."""
+        index = self._load_index()
+        if index.version != self._meta.version or index.first_t is None:
+            raise CorruptBlock(f"{self._ctx(INDEX_FILE)}: format version {index.version}, "
+                               f"meta.json says {self._meta.version}")
+        refs = self._matching(index, matchers, mint, maxt)
+        if not len(refs):
+            return []
+        footer = self._load_footer(index)
+        starts = index.first_row[refs]
+        ends = starts + index.num_rows[refs]
+        lo = np.searchsorted(footer.rg_start, starts, "right") - 1
+        hi = np.searchsorted(footer.rg_start, ends - 1, "right") - 1
+        wanted = np.zeros(len(footer.rg_tmin), dtype=bool)
+        for a, b in zip(lo.tolist(), hi.tolist()):
+            wanted[a:b + 1] = True
+        wanted &= (footer.rg_tmin <= maxt) & (footer.rg_tmax >= mint)
+        groups = np.flatnonzero(wanted)
+        if not len(groups):
+            return []
+        cols = self._read_columns(footer, groups, ("t",) + AGGREGATE_COLUMNS)
+        pos = np.full(len(footer.rg_tmin), -1, dtype=np.int64)
+        pos[groups] = np.concatenate(([0], np.cumsum(np.diff(footer.rg_start)[groups])[:-1]))
+        budget = hints.budget if hints is not None else None
+        out: list[AggregateSeries] = []
+        rg_start = footer.rg_start
+        for k, ref in enumerate(refs.tolist()):
+            s, e = int(starts[k]), int(ends[k])
+            spans = []
+            for g in range(int(lo[k]), int(hi[k]) + 1):
+                p = pos[g]
+                if p >= 0:
+                    spans.append((max(s, int(rg_start[g])) - int(rg_start[g]) + p,
+                                  min(e, int(rg_start[g + 1])) - int(rg_start[g]) + p))
+            if not spans:
+                continue
+            parts = {name: np.concatenate([c[a:b] for a, b in spans]) if len(spans) > 1 else c[spans[0][0]:spans[0][1]]
+                     for name, c in cols.items()}
+            st = parts["t"]
+            i, j = np.searchsorted(st, mint, "left"), np.searchsorted(st, maxt, "right")
+            if i < j:
+                if budget is not None:
+                    budget.take(int(j - i))
+                agg = Aggregates(st[i:j].copy(), *(parts[n][i:j].copy() for n in AGGREGATE_COLUMNS),
+                                 first_t=int(index.first_t[ref]), first_v=float(index.first_v[ref]),
+                                 last_v=float(index.last_v[ref]))
+                out.append(AggregateSeries(index.labels[ref], agg, self._meta.resolution))
+        return out
+
+    def _read_columns(self, footer: _Footer, groups: np.ndarray, columns: Sequence[str]) -> dict[str, np.ndarray]:
+        """Decoded ``columns`` of the given row groups, concatenated in order (fetches every
+        column chunk but ``ref`` of those row groups)."""
+        ranges = sorted((int(o), int(n)) for o, n in footer.col_range[groups].reshape(-1, 2))
+        segments: list[tuple[int, bytes]] = []
+        cur_start, cur_end = ranges[0][0], ranges[0][0] + ranges[0][1]
+        for o, n in ranges[1:]:
+            if o - cur_end <= _COALESCE_GAP:
+                cur_end = max(cur_end, o + n)
+            else:
+                segments.append((cur_start, self._get_range(DATA_FILE, cur_start, cur_end - cur_start)))
+                cur_start, cur_end = o, o + n
+        segments.append((cur_start, self._get_range(DATA_FILE, cur_start, cur_end - cur_start)))
+        size = self._meta.file(DATA_FILE).size_bytes
+        rf = _RangeFile(size, segments, lambda o, k: self._get_range(DATA_FILE, o, k))
+        try:
+            pf = pq.ParquetFile(rf, metadata=footer.metadata, page_checksum_verification=True, pre_buffer=False)
+            table = pf.read_row_groups(groups.tolist(), columns=list(columns), use_threads=False)
+        except BlockError:
+            raise
+        except (pa.ArrowException, OSError, ValueError) as err:
+            raise CorruptBlock(f"{self._ctx(DATA_FILE)}: row groups {groups.tolist()[:10]} do not decode: {err}") from None
+        out = {}
+        for name in columns:
+            dtype = np.int64 if name in ("t", "count") else np.float64
+            out[name] = table.column(name).to_numpy().astype(dtype, copy=False)
+        return out
 
     def label_names(self, matchers: Sequence[Matcher] = (), mint: int = _MIN_INT64,
                     maxt: int = _MAX_INT64) -> list[str]:
@@ -923,6 +1207,28 @@ def verify_block(bucket: Bucket, ulid: str, *, tmp_dir: str | None = None) -> Bl
     return meta
 
 
+def _verify_aggregates(table: pa.Table, t: np.ndarray, same: np.ndarray, last_counter: float, resolution: int,
+                       context: str) -> float:
+    """Checks one row group of aggregates; ``t`` and ``same`` include the previous row (see the caller).
+
+    Returns the last row's counter, the previous row of the next row group.
+    """
+    count = table.column("count").to_numpy()
+    mn, mx = table.column("min").to_numpy(), table.column("max").to_numpy()
+    counter = table.column("counter").to_numpy()
+    if (count < 1).any():
+        raise CorruptBlock(f"{context}: a row with count < 1")
+    if (mn > mx).any():
+        raise CorruptBlock(f"{context}: a row with min > max")
+    k = t // resolution
+    if (same & ~(k[1:] > k[:-1])).any():
+        raise CorruptBlock(f"{context}: two rows of a series in one interval of {resolution} ms")
+    c = np.concatenate(([last_counter], counter))
+    if (same & (c[1:] < c[:-1])).any():
+        raise CorruptBlock(f"{context}: the counter aggregate of a series decreases")
+    return float(counter[-1]) if len(counter) else last_counter
+
+
 def _verify_rows(source, meta: BlockMeta, index: _Index, footer: _Footer, context: str) -> None:
     for i in range(1, len(index.labels)):
         if not index.labels[i - 1] < index.labels[i]:
@@ -937,8 +1243,11 @@ def _verify_rows(source, meta: BlockMeta, index: _Index, footer: _Footer, contex
         raise CorruptBlock(f"{context}: the index counts {int(index.num_rows.sum())} samples, "
                            f"meta.json {meta.num_samples}")
     try:
+        if meta.version == AGGREGATE_VERSION:
+            if index.first_t is None or (index.first_t > index.mint).any() or (index.first_t < meta.min_time).any():
+                raise CorruptBlock(f"{context}: the index's first_t is not within [minTime, first row's t]")
         pf = pq.ParquetFile(source, metadata=footer.metadata, page_checksum_verification=True)
-        last_ref, last_t = -1, 0
+        last_ref, last_t, last_counter = -1, 0, 0.0
         for g in range(pf.num_row_groups):
             table = pf.read_row_group(g)
             refs = table.column("ref").to_numpy().astype(np.int64)
@@ -957,6 +1266,9 @@ def _verify_rows(source, meta: BlockMeta, index: _Index, footer: _Footer, contex
             same = r[1:] == r[:-1]
             if (same & ~(t[1:] > t[:-1])).any():
                 raise CorruptBlock(f"{context}: row group {g}: timestamps of a series not strictly increasing")
+            if meta.version == AGGREGATE_VERSION:
+                last_counter = _verify_aggregates(table, t, same, last_counter, meta.resolution,
+                                                  f"{context}: row group {g}")
             for col, rows_of in (("mint", index.first_row), ("maxt", index.first_row + index.num_rows - 1)):
                 inside = np.flatnonzero((rows_of >= a) & (rows_of < a + len(refs)))
                 if not np.array_equal(ts[rows_of[inside] - a], getattr(index, col)[inside]):

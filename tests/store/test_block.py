@@ -447,7 +447,7 @@ def test_select_outside_block_reads_nothing(fs):
 def test_meta_json(fs):
     series = make_series(10, 30)
     mint, maxt = T0 - 60_000, T0 + 7_200_000
-    meta = write_block(fs, series, min_time=mint, max_time=maxt, resolution=300_000, level=2,
+    meta = write_block(fs, series, min_time=mint, max_time=maxt, level=2,
                        sources=["01ARYZ6S41TSV4RRFFQ69G5FAV", "01BX5ZZKBKACTAV9WEVGEMMVRZ"],
                        external_labels={"shard": "3"}, now=lambda: 1_700_000_123_456)
     doc = json.loads(fs.get(f"{meta.ulid}/{META_FILE}"))
@@ -455,7 +455,7 @@ def test_meta_json(fs):
     assert doc["minTime"] == mint and doc["maxTime"] == maxt
     assert doc["stats"] == {"numSeries": 10, "numSamples": sum(len(t) for _, t, _ in series)}
     assert doc["compaction"] == {"level": 2, "sources": ["01ARYZ6S41TSV4RRFFQ69G5FAV", "01BX5ZZKBKACTAV9WEVGEMMVRZ"]}
-    assert doc["resolution"] == 300_000 and doc["labels"] == {"shard": "3"}
+    assert doc["resolution"] == 0 and doc["labels"] == {"shard": "3"}
     assert doc["format"] == "flashback-block" and doc["version"] == 1
     assert [f["relPath"] for f in doc["files"]] == [DATA_FILE, INDEX_FILE]
     for f in doc["files"]:
@@ -556,7 +556,8 @@ def test_reader_rejects_invalid_ulid(fs):
 
 
 @pytest.mark.parametrize("changes,error,match", [
-    ({"version": 2}, UnsupportedBlockVersion, "version 2"),
+    ({"version": 3}, UnsupportedBlockVersion, "version 3"),
+    ({"version": 2}, CorruptBlock, "version 2 with resolution 0"),
     ({"version": "1"}, UnsupportedBlockVersion, "version '1'"),
     ({"format": "prometheus-tsdb"}, UnsupportedBlockVersion, "format"),
     ({"format": None}, UnsupportedBlockVersion, "format"),
@@ -570,7 +571,7 @@ def test_reader_rejects_invalid_ulid(fs):
     ({"files": [{"relPath": DATA_FILE, "sizeBytes": 1, "sha256": "xyz"}]}, CorruptBlock, "SHA-256"),
     ({"labels": {"a": 1}}, CorruptBlock, "labels"),
     ({"compaction": {"level": 1, "sources": "01ARYZ6S41TSV4RRFFQ69G5FAV"}}, CorruptBlock, "not a list"),
-], ids=["version-2", "version-string", "other-format", "no-format", "missing-stat", "time-not-int",
+], ids=["version-3", "version-2-raw", "version-string", "other-format", "no-format", "missing-stat", "time-not-int",
         "time-too-big", "other-ulid", "invalid-ulid", "empty-time-range", "index-not-listed", "bad-sha",
         "bad-labels", "sources-not-list"])
 def test_bad_meta_json(written, changes, error, match):
@@ -686,7 +687,7 @@ def test_index_of_another_version(written):
     fs, meta, series = written
     raw = fs.get(f"{meta.ulid}/{INDEX_FILE}")
     kv = dict(pq.read_metadata(io.BytesIO(raw)).metadata)
-    kv[block.KV_VERSION] = b"2"
+    kv[block.KV_VERSION] = b"3"
     pf = pq.ParquetFile(io.BytesIO(raw))
     table = pf.read()
     rewrite_index(fs, meta.ulid, lambda t: t)  # re-encoded by the test, still version 1: readable
@@ -696,7 +697,7 @@ def test_index_of_another_version(written):
     with pq.ParquetWriter(out, block.INDEX_SCHEMA, store_schema=False) as w:
         w.write_table(table)
         w.add_key_value_metadata(kv)
-    with pytest.raises(UnsupportedBlockVersion, match="version b'2'"):
+    with pytest.raises(UnsupportedBlockVersion, match="version b'3'"):
         block.decode_index(out.getvalue(), "test index")
 
 
