@@ -97,11 +97,12 @@ class LocalCluster:
         store_flags: extra flags of every ``flashback store``.
         compactor_flags: extra flags of every ``flashback compactor`` (``--window``, ``--grace``,
             ``--interval``, ``--levels``).
+        querier_flags: extra flags of the ``flashback querier``.
     """
 
     def __init__(self, directory: str, shards: int = 3, replicas: int = 3, nats_servers: int = 3, *,
                  objstore: dict | None = None, store_flags: Sequence[str] = (),
-                 compactor_flags: Sequence[str] = ()) -> None:
+                 compactor_flags: Sequence[str] = (), querier_flags: Sequence[str] = ()) -> None:
         self.directory = os.path.abspath(directory)
         os.makedirs(self.directory, exist_ok=True)
         self.nats = NatsCluster(os.path.join(self.directory, "nats"), size=nats_servers)
@@ -113,6 +114,7 @@ class LocalCluster:
         self.objstore = objstore or {"type": "FILESYSTEM", "config": {"directory": os.path.join(self.directory, "bucket")}}
         self.store_flags = list(store_flags)
         self.compactor_flags = list(compactor_flags)
+        self.querier_flags = list(querier_flags)
 
     def _add(self, name: str, args: list[str], http: str, **extra) -> Process:
         p = Process(name, args, http, os.path.join(self.directory, f"{name}.log"), extra=extra)
@@ -149,7 +151,8 @@ class LocalCluster:
         http = f"127.0.0.1:{next(ports)}"
         self._add("adapter", ["adapter", *topo, "--listen", http], http)
         http = f"127.0.0.1:{next(ports)}"
-        self._add("querier", ["querier", *topo, "--listen", http, "--objstore.config-file", self.objstore_path], http)
+        self._add("querier", ["querier", *topo, "--listen", http, "--objstore.config-file", self.objstore_path,
+                              *self.querier_flags], http)
         names = [n for n in self.processes if compactors or not n.startswith("compactor-")]
         for n in names:
             self.processes[n].start()

@@ -172,7 +172,7 @@ def cmd_querier(args: argparse.Namespace) -> int:
     if args.objstore_config_file:
         with open(args.objstore_config_file) as f:
             bucket = MetricsBucket(RetryingBucket(bucket_from_config(f.read())), registry)
-        blocks = BucketBlocks(bucket)
+        blocks = BucketBlocks(bucket, refresh_s=args.sync_block_s)
 
     def querier():
         heads = ShardedQuerier(shards, pool)
@@ -270,6 +270,8 @@ def configure(sub: argparse._SubParsersAction) -> None:
     qu.add_argument("--objstore.config-file", dest="objstore_config_file", help="bucket (Thanos objstore YAML)")
     qu.add_argument("--lookback-delta", dest="lookback_delta_ms", type=duration, default=300_000)
     qu.add_argument("--replica-timeout", type=float, default=10.0, help="seconds before trying another replica")
+    qu.add_argument("--sync-block-duration", dest="sync_block_s", type=lambda v: duration(v) / 1000, default=30.0,
+                    help="how often the bucket's list of blocks is refreshed (default 30s)")
     qu.set_defaults(func=cmd_querier)
 
     co = sub.add_parser("compactor", help="run the compactor of one shard (cluster mode)")

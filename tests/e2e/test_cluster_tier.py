@@ -65,7 +65,8 @@ def setup(tmp_path_factory):
         s3.create_bucket("blocks")
         cluster = LocalCluster(str(tmp / "cluster"), shards=3, replicas=3, objstore=s3.objstore_config("blocks"),
                                compactor_flags=["--window", f"{WINDOW_S}s", "--grace", "30s", "--interval", "1s",
-                                                "--levels", "1,4"])
+                                                "--levels", "1,4"],
+                               querier_flags=["--sync-block-duration", "2s"])
         started.append(cluster)
         cluster.start(timeout=180, compactors=False)
         prom = Prometheus(str(tmp / "prom"), "global: {scrape_interval: 1h}\nscrape_configs: []\n",
@@ -119,7 +120,7 @@ def test_cluster_windows_roll_into_blocks_with_unchanged_answers(setup):
     # Every sample written once in the bucket: 24 series, one sample per 15 s.
     assert sum(b["numSamples"] for b in live) == 24 * SPAN_S // 15
 
-    # The querier re-lists the bucket every 30 s; once it reads the blocks, the answers are the same.
+    # The querier re-lists the bucket every 2 s here; once it reads the blocks, the answers are the same.
     http = cluster.processes["querier"].http
     ranges_before = _metric(http, "flashback_bucket_operations_total", 'operation="get_range"')
 
