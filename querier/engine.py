@@ -99,6 +99,7 @@ class EvalContext:
     loaded: int = 0  # samples read from storage
     warnings: list[str] = field(default_factory=list)
     infos: list[str] = field(default_factory=list)
+    call: str = ""  # the function whose arguments are being evaluated (``SelectHints.func`` of a range selector)
 
     def warn(self, msg: str) -> None:
         """Adds a warning annotation (``warnings`` in the API response), once."""
@@ -274,9 +275,16 @@ def _evaluate(node: pp.Expr, ctx: EvalContext) -> Value:
     if isinstance(node, pp.AggregateExpr):
         return aggregations.evaluate_aggregate(node, ctx)
     if isinstance(node, pp.Call):
-        if node.func.name in _SORT_FUNCTIONS and len(ctx.steps) > 1:
+        name = node.func.name
+        if name in _SORT_FUNCTIONS and len(ctx.steps) > 1:
             ctx.warn(_SORT_IN_RANGE)
-        return functions.evaluate_call(node, ctx)
+        outer, ctx.call = ctx.call, name
+        try:
+            if name in _WEIGHTED and len(node.args) == 1 and isinstance(node.args[0], pp.MatrixSelector):
+                return eval_weighted_over_time(name, node.args[0], ctx)
+            return functions.evaluate_call(node, ctx)
+        finally:
+            ctx.call = outer
     raise Unsupported(f"unsupported expression type {type(node).__name__}")
 
 
@@ -309,12 +317,14 @@ class Selection:
     ts: np.ndarray
     values: np.ndarray
     offsets: np.ndarray
+    weights: np.ndarray | None = None  # raw samples per point, for downsampled data (see below)
 
 
 def select(ctx: EvalContext, vs: pp.VectorSelector, mint: int, maxt: int, range_ms: int, func: str) -> Selection:
     """Reads the series of ``vs`` with samples in ``[mint, maxt]`` from the querier."""
     # The sources charge what they load to the query's remaining budget before decoding it.
-    hints = SelectHints(mint, maxt, ctx.interval, range_ms, func, SampleBudget(ctx.max_samples - ctx.samples))
+    hints = SelectHints(mint, maxt, ctx.interval, range_ms, func, SampleBudget(ctx.max_samples - ctx.samples),
+                        notes=ctx.infos)
     try:
         series = ctx.querier.select(selector_matchers(vs), mint, maxt, hints)
         labels = [s.labels for s in series]
@@ -339,7 +349,15 @@ def select(ctx: EvalContext, vs: pp.VectorSelector, mint: int, maxt: int, range_
     ctx.account(len(ts))
     ctx.loaded += len(ts)
     ctx.check()
-    return Selection(labels, ts, vals, offsets)
+    return Selection(labels, ts, vals, offsets, _weights(series) if flat is None else None)
+
+
+def _weights(series: list) -> np.ndarray | None:
+    """The ``weights`` of a selection of downsampled data (``querier/downsampled.py``), else None."""
+    if not series or all(getattr(s, "weights", None) is None for s in series):
+        return None
+    return np.concatenate([np.asarray(s.weights) if getattr(s, "weights", None) is not None
+                           else np.ones(len(s.samples()[0])) for s in series])
 
 
 def eval_vector_selector(vs: pp.VectorSelector, ctx: EvalContext) -> tuple[Vector, np.ndarray]:
@@ -363,13 +381,18 @@ def eval_vector_selector(vs: pp.VectorSelector, ctx: EvalContext) -> tuple[Vecto
 
 
 def eval_matrix_selector(ms: pp.MatrixSelector, ctx: EvalContext) -> RangeVector:
+    return _matrix_selection(ms, ctx)[0]
+
+
+def _matrix_selection(ms: pp.MatrixSelector, ctx: EvalContext) -> tuple[RangeVector, np.ndarray | None]:
+    """The range vector of ``ms`` (read with ``ctx.call`` as the hints' function) and its weights."""
     vs = ms.vector_selector
     range_ms = duration_ms(ms.range)
     ref = reference_times(ctx, vs.at, vs.offset)
     if len(ref) == 0:
         empty = np.zeros(0, dtype=np.int64)
-        return RangeVector([], empty, np.zeros(0), np.zeros(1, dtype=np.int64), ref, ref, range_ms)
-    sel = select(ctx, vs, int(ref.min()) - range_ms + 1, int(ref.max()), range_ms, "")
+        return RangeVector([], empty, np.zeros(0), np.zeros(1, dtype=np.int64), ref, ref, range_ms), None
+    sel = select(ctx, vs, int(ref.min()) - range_ms + 1, int(ref.max()), range_ms, ctx.call)
     stale = is_stale(sel.values)
     if stale.any():
         keep = ~stale
@@ -378,8 +401,36 @@ def eval_matrix_selector(ms: pp.MatrixSelector, ctx: EvalContext) -> RangeVector
         counts = np.where(np.diff(sel.offsets) == 0, 0, counts)
         offsets = np.zeros_like(sel.offsets)
         np.cumsum(counts, out=offsets[1:])
-        sel = Selection(sel.labels, sel.ts[keep], sel.values[keep], offsets)
-    return RangeVector(sel.labels, sel.ts, sel.values, sel.offsets, ref - range_ms, ref, range_ms)
+        weights = sel.weights[keep] if sel.weights is not None else None
+        sel = Selection(sel.labels, sel.ts[keep], sel.values[keep], offsets, weights)
+    return RangeVector(sel.labels, sel.ts, sel.values, sel.offsets, ref - range_ms, ref, range_ms), sel.weights
+
+
+# Functions whose answer over downsampled data needs each point's number of raw samples.
+_WEIGHTED = ("count_over_time", "avg_over_time")
+
+
+def eval_weighted_over_time(name: str, ms: pp.MatrixSelector, ctx: EvalContext) -> Vector:
+    """``count_over_time``/``avg_over_time`` of a range selector.
+
+    Over raw samples as any range function. Over downsampled data (a selection with
+    ``weights``: the count aggregate, and the sum aggregate as values for ``avg_over_time``)
+    the count is the sum of the counts and the average the sum of the sums over the sum of
+    the counts, not the number of points or the average of the points' averages.
+    """
+    rv, weights = _matrix_selection(ms, ctx)
+    if weights is None:
+        values, present = functions._RANGE[name](rv, [], ctx)
+    else:
+        sum_over_time = functions._RANGE["sum_over_time"]
+        counts, present = sum_over_time(dataclasses.replace(rv, values=weights), [], ctx)
+        if name == "count_over_time":
+            values = counts
+        else:
+            sums, _ = sum_over_time(rv, [], ctx)
+            with np.errstate(all="ignore"):
+                values = sums / np.where(counts > 0, counts, 1)
+    return merge_same_labels(Vector([drop_name(lb) for lb in rv.labels], values, present), _DUP)
 
 
 def eval_subquery(sq: pp.SubqueryExpr, ctx: EvalContext) -> RangeVector:

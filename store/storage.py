@@ -55,6 +55,8 @@ class SelectHints:
     those of the PromQL evaluation (ms, 0 when not applicable), ``func`` the
     function applied to the selection, if any. ``budget``, when set, must be
     charged with the samples a source materialises, before it decodes them.
+    ``notes``, when set, collects info annotations a source makes about how it
+    answered (e.g. that downsampled data did); the engine reports them as ``infos``.
     """
 
     start: int
@@ -63,6 +65,7 @@ class SelectHints:
     range: int = 0
     func: str = ""
     budget: SampleBudget | None = None
+    notes: list[str] | None = None
 
 
 class Series(Protocol):

@@ -1,0 +1,228 @@
+"""Reading downsampled data: which resolution answers a selection, and what it reads.
+
+Resolution choice (Thanos' ``max_source_resolution`` and auto-downsampling):
+
+* The request sets the coarsest resolution it accepts: ``max_source_resolution``
+  = ``raw`` (or ``0s``), ``5m``, ``1h`` or ``auto`` (default). ``auto`` is a
+  fifth of the evaluation step (Thanos' rule: at least five raw samples'
+  worth of step per downsampled point), and raw for instant queries.
+* A selector is never answered coarser than half its range (``rate(x[10m])``
+  at most 5m), so every window holds at least two points; a plain selector
+  (no range) at most 5m, the default lookback.
+* Per time range the coarsest live downsampled block at or below that
+  resolution answers; ranges no such block covers read raw data (head and raw
+  blocks) as before. A query without downsampled blocks takes the raw path
+  unchanged.
+
+What a downsampled selection returns depends on the function applied to it
+(``SelectHints.func``), so that the engine's own functions give answers close
+to raw ones (tolerances in ``store/docs/format/block.md``):
+
+* ``rate``, ``increase``, ``irate``: the counter aggregate, one reset-adjusted
+  counter continued across blocks and raw ranges (``store.aggregates``), with
+  each block's first raw sample as an extra point (Thanos' counter series).
+* ``max_over_time``/``min_over_time``/``sum_over_time``: the max/min/sum
+  aggregate.
+* ``count_over_time`` and ``avg_over_time``: the count (and sum) aggregate
+  with the counts as ``weights``: the engine sums counts, and divides summed
+  sums by summed counts, where Thanos counts points and averages averages.
+* anything else, plain selectors included: the interval average
+  ``sum / count`` (Thanos' default).
+
+Raw points in such a selection count as one sample each. Which downsampled
+resolutions answered is added to ``SelectHints.notes``; the API reports them
+as ``infos``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+from store.aggregates import counter_offsets, reset_adjusted, trim_overlaps
+from store.block import Aggregates, BlockReader
+from store.labels import Labels
+from store.storage import ArraySeries, SelectHints
+
+RES_5M = 300_000
+RES_1H = 3_600_000
+RESOLUTIONS = (0, RES_5M, RES_1H)
+NAMES = {0: "raw", RES_5M: "5m", RES_1H: "1h"}
+PLAIN_MAX_RESOLUTION = RES_5M
+COUNTER_FUNCS = frozenset(("rate", "increase", "irate"))
+WEIGHTED_FUNCS = frozenset(("count_over_time", "avg_over_time"))
+_STALE_NAN = np.array([0x7FF0000000000002], dtype=np.uint64).view(np.float64)[0]
+
+
+def parse_max_source_resolution(value: str) -> int | None:
+    """``raw``/``0s``/``5m``/``1h``/``auto`` (or empty) to ms; None for auto.
+
+    Raises:
+        ValueError: any other value.
+    """
+    v = value.strip().lower()
+    if v in ("", "auto"):
+        return None
+    if v in ("raw", "0", "0s", "0m", "0h"):
+        return 0
+    if v in ("5m", "300s", "300"):
+        return RES_5M
+    if v in ("1h", "60m", "3600s", "3600"):
+        return RES_1H
+    raise ValueError(f"cannot parse {value!r}: expected raw, 0s, 5m, 1h or auto")
+
+
+def max_resolution(hints: SelectHints | None, requested: int | None) -> int:
+    """The coarsest resolution (ms) a selection with ``hints`` may read; 0 for raw only."""
+    if hints is None:
+        return 0
+    res = (hints.step // 5 if hints.step > 0 else 0) if requested is None else requested
+    if res <= 0:
+        return 0
+    return min(res, hints.range // 2 if hints.range > 0 else PLAIN_MAX_RESOLUTION)
+
+
+class Segment(NamedTuple):
+    """``[start, end)`` answered at ``resolution`` by ``readers`` (none for raw data)."""
+
+    start: int
+    end: int
+    resolution: int
+    readers: tuple[BlockReader, ...]
+
+
+def plan_resolutions(readers: Sequence[BlockReader], mint: int, maxt: int) -> list[Segment]:
+    """Cuts ``[mint, maxt]`` into segments, each answered by the coarsest resolution whose blocks
+    cover it whole, or raw (0); adjacent segments of one resolution are joined."""
+    if not readers:
+        return []
+    end = maxt + 1
+    bounds = {mint, end}
+    for r in readers:
+        for t in (r.meta.min_time, r.meta.max_time):
+            if mint < t < end:
+                bounds.add(t)
+    cuts = sorted(bounds)
+    by_res = sorted({r.meta.resolution for r in readers}, reverse=True)
+    out: list[Segment] = []
+    for a, b in zip(cuts, cuts[1:]):
+        res, cover = 0, ()
+        for candidate in by_res:
+            c = tuple(r for r in readers if r.meta.resolution == candidate
+                      and r.meta.min_time <= a and r.meta.max_time >= b)
+            if c:
+                res, cover = candidate, c
+                break
+        if out and out[-1].resolution == res:
+            prev = out[-1]
+            merged = prev.readers + tuple(r for r in cover if r not in prev.readers)
+            out[-1] = Segment(prev.start, b, res, merged)
+        else:
+            out.append(Segment(a, b, res, cover))
+    return out
+
+
+def resolution_note(resolution: int) -> str:
+    """The info annotation saying that downsampled data of ``resolution`` answered."""
+    name = NAMES.get(resolution, f"{resolution}ms")
+    return (f"flashback info: downsampled data at resolution {name} answered part of this query "
+            "(max_source_resolution=raw for raw samples only)")
+
+
+class Piece(NamedTuple):
+    """Part of one series' selection: raw samples (``ts``, ``vs``) or a block's ``aggregates``."""
+
+    resolution: int
+    ts: np.ndarray | None
+    vs: np.ndarray | None
+    aggregates: Aggregates | None
+
+
+class ViewSeries(ArraySeries):
+    """A selection over downsampled data as the function needs it; ``weights`` (or None) is the
+    number of raw samples each point stands for, for ``count_over_time``/``avg_over_time``."""
+
+    __slots__ = ("weights",)
+
+    def __init__(self, labels: Labels, ts: np.ndarray, vs: np.ndarray, weights: np.ndarray | None) -> None:
+        super().__init__(labels, ts, vs)
+        self.weights = weights
+
+
+def _not_stale(ts: np.ndarray, vs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    stale = vs.view(np.uint64) == _STALE_NAN.view(np.uint64) if len(vs) else np.zeros(0, dtype=bool)
+    if stale.any():
+        return ts[~stale], vs[~stale]
+    return ts, vs
+
+
+def view(labels: Labels, pieces: list[Piece], func: str, mint: int, maxt: int) -> ViewSeries:
+    """One series' pieces (in time order) as the points function ``func`` reads."""
+    if func in COUNTER_FUNCS:
+        return _counter_view(labels, pieces, mint, maxt)
+    ts_parts, v_parts, w_parts = [], [], []
+    for p in pieces:
+        if p.aggregates is None:
+            ts = np.asarray(p.ts, dtype=np.int64)
+            vs = np.asarray(p.vs, dtype=np.float64)
+            if func:
+                ts, vs = _not_stale(ts, vs)
+            ts_parts.append(ts)
+            v_parts.append(np.ones(len(ts)) if func == "count_over_time" else vs)
+            w_parts.append(np.ones(len(ts)))
+            continue
+        a = p.aggregates
+        count = a.count.astype(np.float64)
+        if func == "max_over_time":
+            vals = a.max
+        elif func == "min_over_time":
+            vals = a.min
+        elif func in ("sum_over_time", "avg_over_time"):
+            vals = a.sum
+        elif func == "count_over_time":
+            vals = count
+        else:
+            with np.errstate(all="ignore"):
+                vals = a.sum / count
+        ts_parts.append(a.t)
+        v_parts.append(vals)
+        w_parts.append(count)
+    ts = np.concatenate(ts_parts) if ts_parts else np.zeros(0, dtype=np.int64)
+    vs = np.concatenate(v_parts) if v_parts else np.zeros(0)
+    ws = np.concatenate(w_parts) if w_parts else np.zeros(0)
+    if len(ts) > 1 and not (np.diff(ts) > 0).all():
+        order = np.argsort(ts, kind="stable")  # overlapping blocks: the earlier piece wins a tie
+        ts, vs, ws = ts[order], vs[order], ws[order]
+        keep = np.concatenate(([True], ts[1:] != ts[:-1]))
+        ts, vs, ws = ts[keep], vs[keep], ws[keep]
+    return ViewSeries(labels, ts, vs, ws if func in WEIGHTED_FUNCS else None)
+
+
+def _counter_view(labels: Labels, pieces: list[Piece], mint: int, maxt: int) -> ViewSeries:
+    aggs: list[Aggregates] = []
+    for p in pieces:
+        if p.aggregates is not None:
+            if len(p.aggregates.t):
+                aggs.append(p.aggregates)
+            continue
+        ts = np.asarray(p.ts, dtype=np.int64)
+        vs = np.asarray(p.vs, dtype=np.float64)
+        keep = ~np.isnan(vs)
+        ts, vs = ts[keep], vs[keep]
+        if len(ts):
+            ones = np.ones(len(ts), dtype=np.int64)
+            aggs.append(Aggregates(ts, ones, vs, vs, vs, reset_adjusted(vs), int(ts[0]), float(vs[0]),
+                                   float(vs[-1])))
+    aggs = trim_overlaps(aggs)
+    ts_parts, v_parts = [], []
+    for a, off in zip(aggs, counter_offsets(aggs)):
+        if mint <= a.first_t < int(a.t[0]):
+            # The block's first raw sample, so the increase inside its first interval is counted.
+            ts_parts.append(np.array([a.first_t], dtype=np.int64))
+            v_parts.append(np.array([a.first_v + off]))
+        ts_parts.append(a.t)
+        v_parts.append(a.counter + off if off else a.counter)
+    if not ts_parts:
+        return ViewSeries(labels, np.zeros(0, dtype=np.int64), np.zeros(0), None)
+    return ViewSeries(labels, np.concatenate(ts_parts), np.concatenate(v_parts), None)
