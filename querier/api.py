@@ -26,6 +26,7 @@ import promql_parser as pp
 from querier import astjson
 from querier.aggregations import format_value
 from querier.cluster import ShardUnavailable
+from querier.downsampled import parse_max_source_resolution
 from querier.engine import Engine, parse, selector_matchers
 from querier.errors import QueryError
 from querier.frontend import QueryFrontend
@@ -286,13 +287,23 @@ class QueryAPI:
 
     def _querier(self, form) -> Querier:
         """The request's querier; ``partial_response=false`` (Thanos' parameter) makes a failing
-        bucket fail the request instead of answering from what could be read, with a warning."""
+        bucket fail the request instead of answering from what could be read, with a warning;
+        ``max_source_resolution`` (``raw``/``0s``, ``5m``, ``1h``, ``auto``) caps the resolution
+        of downsampled data it reads (``querier/downsampled.py``)."""
         q = self._querier_factory()
         v = self._param(form, "partial_response").lower()
         if v and hasattr(q, "partial_response"):
             if v not in ("true", "false", "1", "0"):
                 raise _bad("partial_response", f"cannot parse {json.dumps(v)} to a boolean")
             q.partial_response = v in ("true", "1")
+        # Thanos' parameter: the coarsest downsampled data the query may read (auto: step / 5).
+        v = self._param(form, "max_source_resolution")
+        try:
+            res = parse_max_source_resolution(v)
+        except ValueError as e:
+            raise _bad("max_source_resolution", str(e)) from None
+        if hasattr(q, "max_source_resolution"):
+            q.max_source_resolution = res
         return q
 
     @staticmethod
