@@ -21,6 +21,7 @@ from querier.api import QueryAPI, ServerInfo
 from querier.engine import Engine
 from querier.frontend import AllChanges, BlockChanges, HeadChanges, QueryFrontend
 from querier.tiered import BucketBlocks, TieredQuerier
+from store.block import BlockCaches
 from store.cache import CacheMetrics
 from store.bucket import MetricsBucket, RetryingBucket, bucket_from_config
 from store.db import DB
@@ -40,7 +41,8 @@ class App:
         self.db = DB.open(options.data_dir, options.db, registry=self.registry)
         self.bucket = MetricsBucket(RetryingBucket(bucket_from_config(options.bucket_config())), self.registry)
         cache_metrics = CacheMetrics(self.registry)
-        blocks = BucketBlocks(self.bucket)
+        blocks = BucketBlocks(self.bucket, caches=BlockCaches(options.query.index_cache_bytes,
+                                                              options.query.chunks_cache_bytes, cache_metrics))
 
         def querier() -> TieredQuerier:
             return TieredQuerier(self.db.head, blocks)

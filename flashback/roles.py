@@ -160,11 +160,15 @@ def cmd_querier(args: argparse.Namespace) -> int:
     from querier.api import QueryAPI, ServerInfo
     from querier.cluster import ShardedQuerier
     from querier.engine import Engine
+    from querier.frontend import QueryFrontend
     from querier.tiered import BucketBlocks, TieredQuerier
+    from store.block import BlockCaches
     from store.bucket import MetricsBucket, RetryingBucket, bucket_from_config
+    from store.cache import CacheMetrics
 
     topology = load_topology(args.topology)
     registry = CollectorRegistry()
+    cache_metrics = CacheMetrics(registry)
     pool = ThreadPoolExecutor(16)
     shards = _replica_clients(topology, timeout_s=args.replica_timeout)
     blocks = None
@@ -172,7 +176,7 @@ def cmd_querier(args: argparse.Namespace) -> int:
     if args.objstore_config_file:
         with open(args.objstore_config_file) as f:
             bucket = MetricsBucket(RetryingBucket(bucket_from_config(f.read())), registry)
-        blocks = BucketBlocks(bucket, refresh_s=args.sync_block_s)
+        blocks = BucketBlocks(bucket, refresh_s=args.sync_block_s, caches=BlockCaches(metrics=cache_metrics))
 
     def querier():
         heads = ShardedQuerier(shards, pool)
@@ -183,7 +187,10 @@ def cmd_querier(args: argparse.Namespace) -> int:
     engine = Engine(lookback_delta_ms=args.lookback_delta_ms, delayed_name_removal=False)
     info = ServerInfo(config_yaml=open(args.topology).read(), flags={"topology": args.topology, "listen": args.listen},
                       start_time=time.time(), cwd=os.getcwd())
-    router.include(QueryAPI(querier, engine, time.time, info).router())
+    # The heads live in other processes: no change feed, so range queries are split and shared but
+    # not cached (querier/frontend.py).
+    frontend = QueryFrontend(engine, changes=None, registry=registry, cache_metrics=cache_metrics)
+    router.include(QueryAPI(querier, engine, time.time, info, frontend).router())
     _status_route(router, shards, pool)
     role = Role("querier", args.listen, registry, router, lambda: True)
 

@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 
 from store import ulid as ulids
 from store.bucket import DIR_DELIM, Bucket
+from store.cache import Cache, CacheMetrics
 from store.errors import (
     BlockError, CorruptBlock, IncompleteBlock, ObjectNotFound, TruncatedBlock,
     UnsupportedBlockVersion,
@@ -877,6 +878,27 @@ class AggregateSeries(ArraySeries):
         self.resolution = resolution
 
 
+def _index_bytes(x: "_Index | _Footer") -> int:
+    """Roughly the memory of a decoded index (its arrays, labels and postings) or footer."""
+    if isinstance(x, _Footer):
+        return (x.metadata.serialized_size * 4 + x.rg_start.nbytes + x.rg_tmin.nbytes + x.rg_tmax.nbytes
+                + x.col_range.nbytes)
+    arrays = sum(a.nbytes for a in (x.all_refs, x.mint, x.maxt, x.first_row, x.num_rows, x.ids,
+                                    x.first_t, x.first_v, x.last_v) if a is not None)
+    return arrays + sum(120 + sum(len(n) + len(v) + 100 for n, v in lbls) for lbls in x.labels)
+
+
+class BlockCaches:
+    """Caches shared by all readers of a bucket, each bounded by bytes (``store.cache``):
+    ``index`` holds decoded index files and data-file footers, ``chunks`` decoded ``t``/``v``
+    column chunks per row group. Blocks never change, so entries never go stale."""
+
+    def __init__(self, index_bytes: int = 256 << 20, chunks_bytes: int = 512 << 20,
+                 metrics: CacheMetrics | None = None) -> None:
+        self.index: Cache = Cache("block-index", index_bytes, _index_bytes, metrics)
+        self.chunks: Cache = Cache("block-chunks", chunks_bytes, lambda p: p[0].nbytes + p[1].nbytes, metrics)
+
+
 class BlockReader:
     """Reads one block from a bucket; implements ``store.storage.Querier``.
 
@@ -888,11 +910,14 @@ class BlockReader:
     when a file is shorter than meta.json says).
     """
 
-    def __init__(self, bucket: Bucket, ulid: str, *, meta: BlockMeta | None = None) -> None:
+    def __init__(self, bucket: Bucket, ulid: str, *, meta: BlockMeta | None = None,
+                 caches: "BlockCaches | None" = None) -> None:
         """Args:
             bucket: the bucket holding the block.
             ulid: the block's ULID (its directory).
             meta: its meta.json if already read (e.g. when listing blocks).
+            caches: caches shared by the readers of a bucket; without, the reader keeps its
+                index and footer itself and caches no data.
         """
         if not ulids.is_valid(ulid):
             raise ValueError(f"invalid block ULID {ulid!r}")
@@ -902,6 +927,7 @@ class BlockReader:
         self._lock = threading.Lock()
         self._index: _Index | None = None
         self._footer: _Footer | None = None
+        self._caches = caches
 
     def __repr__(self) -> str:
         return f"BlockReader({self._ulid})"
@@ -929,6 +955,62 @@ class BlockReader:
         return data
 
     def _load_index(self) -> _Index:
+        """The decoded index: from the shared cache when there is one, else kept by the reader."""
+        if self._caches is None:
+            return self._read_index()
+        key = (self._ulid, INDEX_FILE)
+        index = self._caches.index.get(key)
+        if index is None:
+            index = self._read_index()
+            with self._lock:
+                self._index = None  # held by the (bounded) cache instead
+            self._caches.index.put(key, index)
+        return index
+
+    def _load_footer(self, index: _Index) -> _Footer:
+        """The data file's decoded footer, cached like the index."""
+        if self._caches is None:
+            return self._read_footer(index)
+        key = (self._ulid, DATA_FILE)
+        footer = self._caches.index.get(key)
+        if footer is None:
+            footer = self._read_footer(index)
+            with self._lock:
+                self._footer = None
+            self._caches.index.put(key, footer)
+        return footer
+
+    def _read_groups(self, footer: _Footer, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Decoded ``t`` and ``v`` of the given row groups, concatenated in order; each row group's
+        columns come from the shared chunk cache when there is one, and missing ones are fetched
+        together."""
+        cache = self._caches.chunks if self._caches is not None else None
+        if cache is None or cache.max_bytes == 0:
+            return self._decode_groups(footer, groups)
+        parts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        missing = []
+        for g in groups.tolist():
+            hit = cache.get((self._ulid, g))
+            if hit is None:
+                missing.append(g)
+            else:
+                parts[g] = hit
+        if missing:
+            ts, vs = self._decode_groups(footer, np.asarray(missing, dtype=np.int64))
+            rows = np.diff(footer.rg_start)[missing].tolist()
+            o = 0
+            for g, n in zip(missing, rows):
+                # Copies when several groups were decoded at once: a cached slice would keep all alive.
+                part = (ts[o:o + n], vs[o:o + n]) if len(missing) == 1 else (ts[o:o + n].copy(), vs[o:o + n].copy())
+                parts[g] = part
+                cache.put((self._ulid, g), part)
+                o += n
+        if len(parts) == 1:
+            return next(iter(parts.values()))
+        order = groups.tolist()
+        return (np.concatenate([parts[g][0] for g in order]), np.concatenate([parts[g][1] for g in order]))
+
+    def _read_index(self) -> _Index:
         with self._lock:
             if self._index is None:
                 f = self._meta.file(INDEX_FILE)
@@ -949,7 +1031,7 @@ class BlockReader:
                 self._index = index
             return self._index
 
-    def _load_footer(self, index: _Index) -> _Footer:
+    def _read_footer(self, index: _Index) -> _Footer:
         with self._lock:
             if self._footer is None:
                 size = self._meta.file(DATA_FILE).size_bytes
@@ -1029,8 +1111,8 @@ class BlockReader:
                 out.append(BlockSeries(index.labels[ref], st[i:j].copy(), sv[i:j].copy()))
         return out
 
-    def _read_groups(self, footer: _Footer, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Decoded ``t`` and ``v`` of the given row groups, concatenated in order."""
+    def _decode_groups(self, footer: _Footer, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Decoded ``t`` and ``v`` of the given row groups, concatenated in order (no cache)."""
         ranges = sorted((int(o), int(n)) for o, n in footer.col_range[groups].reshape(-1, 2))
         segments: list[tuple[int, bytes]] = []
         cur_start, cur_end = ranges[0][0], ranges[0][0] + ranges[0][1]
@@ -1223,9 +1305,8 @@ def _verify_aggregates(table: pa.Table, t: np.ndarray, same: np.ndarray, last_co
     k = t // resolution
     if (same & ~(k[1:] > k[:-1])).any():
         raise CorruptBlock(f"{context}: two rows of a series in one interval of {resolution} ms")
-    c = np.concatenate(([last_counter], counter))
-    if (same & (c[1:] < c[:-1])).any():
-        raise CorruptBlock(f"{context}: the counter aggregate of a series decreases")
+    # The counter aggregate never decreases for a counter, but does for a gauge's negative
+    # values (a reset adds the negative value before it): nothing to check there.
     return float(counter[-1]) if len(counter) else last_counter
 
 
