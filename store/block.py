@@ -888,13 +888,18 @@ def _index_bytes(x: "_Index | _Footer") -> int:
     return arrays + sum(120 + sum(len(n) + len(v) + 100 for n, v in lbls) for lbls in x.labels)
 
 
+def _meta_bytes(m: BlockMeta) -> int:
+    return 1000 + 100 * (len(m.sources) + len(m.files) + len(m.labels))
+
+
 class BlockCaches:
     """Caches shared by all readers of a bucket, each bounded by bytes (``store.cache``):
-    ``index`` holds decoded index files and data-file footers, ``chunks`` decoded ``t``/``v``
+    ``meta`` holds decoded meta.json files (for ``store.catalog``), ``index`` holds decoded index files and data-file footers, ``chunks`` decoded ``t``/``v``
     column chunks per row group. Blocks never change, so entries never go stale."""
 
     def __init__(self, index_bytes: int = 256 << 20, chunks_bytes: int = 512 << 20,
-                 metrics: CacheMetrics | None = None) -> None:
+                 metrics: CacheMetrics | None = None, meta_bytes: int = 16 << 20) -> None:
+        self.meta: Cache = Cache("block-meta", meta_bytes, _meta_bytes, metrics)
         self.index: Cache = Cache("block-index", index_bytes, _index_bytes, metrics)
         self.chunks: Cache = Cache("block-chunks", chunks_bytes, lambda p: p[0].nbytes + p[1].nbytes, metrics)
 

@@ -48,6 +48,7 @@ from typing import Callable, Iterable, NamedTuple
 from store import ulid as ulids
 from store.block import META_FILE, BlockMeta
 from store.bucket import DIR_DELIM, Bucket
+from store.cache import Cache
 from store.errors import (
     BlockError, CorruptBlock, CorruptDeletionMark, DeletionMarkError, ObjectNotFound,
     UnsupportedDeletionMarkVersion,
@@ -277,11 +278,14 @@ class BlockCatalog:
     Before the first ``refresh`` the catalog is empty.
     """
 
-    def __init__(self, bucket: Bucket, *, now: Callable[[], int] = _wall_ms, concurrency: int = 8) -> None:
+    def __init__(self, bucket: Bucket, *, now: Callable[[], int] = _wall_ms, concurrency: int = 8,
+                 meta_cache: Cache | None = None) -> None:
         """Args:
             bucket: the bucket whose root holds the block directories.
             now: the clock in ms since the Unix epoch (for the age of partial blocks).
             concurrency: metadata files fetched at once by ``refresh``.
+            meta_cache: a bounded cache for the decoded meta.json files (e.g. a querier's, with
+                metrics); without one they are kept while their block is listed.
         """
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
@@ -291,7 +295,7 @@ class BlockCatalog:
         self._refresh_lock = threading.Lock()
         self._snapshot = _Snapshot({}, {}, {})
         # meta.json and valid deletion marks never change once written: cached by ULID.
-        self._meta_cache: dict[str, BlockMeta] = {}
+        self._meta_cache: dict[str, BlockMeta] | Cache = meta_cache if meta_cache is not None else {}
         self._mark_cache: dict[str, DeletionMark] = {}
 
     def __repr__(self) -> str:
@@ -339,7 +343,8 @@ class BlockCatalog:
                     else:
                         complete[u] = CatalogBlock(meta, deletion_mark=mark)
             _hide_contained(complete)
-            self._meta_cache = {u: m for u, m in self._meta_cache.items() if u in complete}
+            if isinstance(self._meta_cache, dict):  # a bounded Cache forgets on its own
+                self._meta_cache = {u: m for u, m in self._meta_cache.items() if u in complete}
             self._mark_cache = {u: m for u, m in self._mark_cache.items()
                                 if u in complete and complete[u].deletion_mark is not None}
             self._snapshot = _Snapshot(complete, errors, partial)
@@ -354,18 +359,25 @@ class BlockCatalog:
     def _read_mark(self, ulid: str) -> DeletionMark:
         return _decode_mark(ulid, self._bucket.get(deletion_mark_name(ulid)))
 
-    def _fetch(self, ulids_: list[str], read: Callable[[str], object], cache: dict) -> dict[str, object]:
+    def _fetch(self, ulids_: list[str], read: Callable[[str], object], cache: dict | Cache) -> dict[str, object]:
         """``read(u)`` for every ULID not in ``cache``, run concurrently; results or the errors
         ObjectNotFound and BlockError (other errors, BucketError included, propagate)."""
-        out: dict[str, object] = {u: cache[u] for u in ulids_ if u in cache}
-        todo = [u for u in ulids_ if u not in cache]
+        out: dict[str, object] = {}
+        todo = []
+        for u in ulids_:
+            hit = cache.get(u)
+            if hit is None:
+                todo.append(u)
+            else:
+                out[u] = hit
+        put = cache.put if isinstance(cache, Cache) else cache.__setitem__
 
         def one(u: str) -> object:
             try:
                 value = read(u)
             except (ObjectNotFound, BlockError) as err:
                 return err
-            cache[u] = value
+            put(u, value)
             return value
 
         if len(todo) <= 1 or self._concurrency == 1:

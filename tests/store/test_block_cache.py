@@ -92,3 +92,28 @@ def test_an_index_larger_than_its_cache_is_read_again_not_kept(tmp_path):
     reader.select(ALL, 0, 3600_000)
     assert any(r.endswith("index.parquet") for r in bucket.reads)
     assert len(caches.index) == 0 and caches.index.size_bytes == 0
+
+
+def test_catalog_keeps_meta_json_in_a_bounded_cache(tmp_path):
+    from store.catalog import BlockCatalog
+
+    bucket = CountingBucket(str(tmp_path))
+    metas = [_block(bucket, n_series=2) for _ in range(3)]
+    reg = CollectorRegistry()
+    caches = BlockCaches(metrics=CacheMetrics(reg))
+    catalog = BlockCatalog(bucket, meta_cache=caches.meta, concurrency=1)
+    catalog.refresh()
+    assert {b.ulid for b in catalog.blocks(resolution=0)} == {m.ulid for m in metas}
+    bucket.reads.clear()
+    catalog.refresh()
+    assert not any(r.endswith("meta.json") for r in bucket.reads)  # listed, not read again
+    assert reg.get_sample_value("flashback_cache_hits_total", {"name": "block-meta"}) == 3
+    # Too small for one meta.json: nothing kept, every refresh reads them again, answers unchanged.
+    small = BlockCatalog(bucket, meta_cache=BlockCaches(meta_bytes=10).meta, concurrency=1)
+    bucket.reads.clear()
+    small.refresh()
+    first = sum(r.endswith("meta.json") for r in bucket.reads)
+    bucket.reads.clear()
+    small.refresh()
+    assert first >= 3 and sum(r.endswith("meta.json") for r in bucket.reads) == first
+    assert {b.ulid for b in small.blocks(resolution=0)} == {m.ulid for m in metas}
