@@ -48,7 +48,8 @@ A pass (``run_once``)
 Each step is idempotent, and each step's effects are ordered so that a crash
 between any two bucket operations leaves a state the next pass completes::
 
-    sync ──> persist windows ──> collect garbage ──> merge overlaps ──> compact levels ──> sync ──> downsample
+    sync ──> persist windows ──> (downsample) ──> collect garbage ──> merge overlaps ──> compact levels
+         ──> sync ──> (downsample)
      │            │                    │                    │                 │
      │            ▼                    ▼                    ▼                 ▼
      │     for each closed        contained blocks:    overlapping       per level, each
@@ -60,8 +61,10 @@ between any two bucket operations leaves a state the next pass completes::
      │     verify -> on_persisted
      ▼
     refresh the catalog; verify our blocks the source still holds data of,
-    then on_persisted(watermark) if it moved; then the downsampler, if given, makes
-    the 5m and 1h blocks of our raw blocks (``compactor/downsample.py``)
+    then on_persisted(watermark) if it moved. The downsampler, if given, makes the
+    5m and 1h blocks of our raw blocks (``compactor/downsample.py``): right after
+    persisting, so each window's 5m block is made from its level-1 block before
+    the window is merged, and at the end, for the 1h blocks of merged ranges
 
 1. **persist**: windows are visited in time order from the watermark (from the
    source's first sample when the bucket holds none of our blocks, found by
@@ -329,6 +332,11 @@ class Compactor:
                 self._sync(result)
                 self._step = "persist"
                 self._persist_windows(result)
+                if self._downsampler is not None:
+                    # Before the windows just persisted are merged, so their 5m blocks are made
+                    # from them and not from the merged block later.
+                    self._step = "downsample"
+                    result.downsampled += self._downsampler.run_once().written
                 self._step = "garbage"
                 self._collect_garbage(result)
                 self._step = "overlaps"
@@ -339,7 +347,7 @@ class Compactor:
                 self._sync(result)
                 if self._downsampler is not None:
                     self._step = "downsample"
-                    result.downsampled = self._downsampler.run_once().written
+                    result.downsampled += self._downsampler.run_once().written
             except Exception as err:
                 self._m_failures.labels(self._step).inc()
                 self._log.error("compactor pass failed", exc_info=True,

@@ -8,6 +8,10 @@ sources is merged in time order, keeping one sample per timestamp (the
 first source's: the head, then blocks by ULID, so answers are
 deterministic). Results are the same whichever tier holds the data.
 
+Downsampled blocks: a selection may read 5m or 1h blocks for the time they
+cover, up to ``max_source_resolution`` (auto: a fifth of the step); the rules
+and what such a selection returns per function are in ``querier/downsampled.py``.
+
 Bucket failures: with ``partial_response`` (the default, as Thanos) the
 blocks that failed are skipped and a warning says which; the API puts it in
 the response's ``warnings``. Without it the failure raises
@@ -23,7 +27,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from store.block import BlockReader
+from querier.downsampled import (
+    RESOLUTIONS, Piece, Segment, max_resolution, plan_resolutions, resolution_note, view,
+)
+from store.block import BlockCaches, BlockReader
 from store.bucket import Bucket
 from store.catalog import BlockCatalog
 from store.errors import BucketError, BucketUnavailable, SampleLimitExceeded, StorageError
@@ -67,8 +74,9 @@ class BucketBlocks:
     """
 
     def __init__(self, bucket: Bucket, refresh_s: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self._catalog = BlockCatalog(bucket)
+                 clock: Callable[[], float] = time.monotonic, caches: BlockCaches | None = None) -> None:
+        self._catalog = BlockCatalog(bucket, meta_cache=caches.meta if caches is not None else None)
+        self._caches = caches  # decoded meta.json, indexes, footers and column chunks, shared by the readers
         self._bucket = bucket
         self._refresh_s = refresh_s
         self._clock = clock
@@ -79,9 +87,10 @@ class BucketBlocks:
     def refresh(self) -> None:
         """Re-lists the bucket now. Raises BucketError when it cannot be listed."""
         self._catalog.refresh()
-        live = {m.ulid: m for m in self._catalog.blocks(resolution=0)}
+        live = {m.ulid: m for res in RESOLUTIONS for m in self._catalog.blocks(resolution=res)}
         with self._lock:
-            self._readers = {u: self._readers.get(u) or BlockReader(self._bucket, u, meta=m) for u, m in live.items()}
+            self._readers = {u: self._readers.get(u) or BlockReader(self._bucket, u, meta=m, caches=self._caches)
+                             for u, m in live.items()}
             self._loaded_at = self._clock()
 
     def _refresh_if_due(self) -> None:
@@ -107,14 +116,32 @@ class BucketBlocks:
                    if r.meta.resolution == 0 and r.meta.min_time <= maxt and r.meta.max_time > mint]
         return sorted(out, key=lambda r: r.ulid)
 
+    def downsampled(self, mint: int, maxt: int, max_resolution: int) -> list[BlockReader]:
+        """Readers of the live downsampled blocks with ``0 < resolution <= max_resolution``
+        overlapping ``[mint, maxt]``, by minTime then ULID."""
+        self._refresh_if_due()
+        with self._lock:
+            out = [r for r in self._readers.values()
+                   if 0 < r.meta.resolution <= max_resolution and r.meta.min_time <= maxt and r.meta.max_time > mint]
+        return sorted(out, key=lambda r: (r.meta.min_time, r.ulid))
+
 
 class TieredQuerier:
     """Head plus blocks for one request (``store.storage.Querier``); collects ``warnings``."""
 
-    def __init__(self, head: Querier, blocks: BucketBlocks | None, *, partial_response: bool = True) -> None:
+    def __init__(self, head: Querier, blocks: BucketBlocks | None, *, partial_response: bool = True,
+                 max_source_resolution: int | None = None) -> None:
+        """Args:
+            head: the recent data (or the sharded heads).
+            blocks: the bucket's blocks, if any.
+            partial_response: skip failing blocks with a warning instead of failing.
+            max_source_resolution: the coarsest downsampled data (ms) selections may read;
+                0 raw only; None (auto) a fifth of the evaluation step, raw for instant queries.
+        """
         self._head = head
         self._blocks = blocks
         self.partial_response = partial_response
+        self.max_source_resolution = max_source_resolution
         self.warnings: list[str] = []
         self._lock = threading.Lock()
 
@@ -149,8 +176,52 @@ class TieredQuerier:
 
     def select(self, matchers: Sequence[Matcher], mint: int, maxt: int,
                hints: SelectHints | None = None) -> list[Series]:
+        max_res = max_resolution(hints, self.max_source_resolution)
+        if max_res > 0 and self._blocks is not None:
+            try:
+                plan = plan_resolutions(self._blocks.downsampled(mint, maxt, max_res), mint, maxt)
+            except BucketError as e:
+                self._failed("listing the bucket", e)
+                plan = []
+            if any(seg.resolution for seg in plan):
+                return self._select_downsampled(matchers, mint, maxt, hints, plan)
+        return self._select_raw(matchers, mint, maxt, hints)
+
+    def _select_raw(self, matchers: Sequence[Matcher], mint: int, maxt: int,
+                    hints: SelectHints | None) -> list[Series]:
         results = self._each(mint, maxt, lambda q: q.select(matchers, mint, maxt, hints))
         return merge_selections(results)
+
+    def _select_downsampled(self, matchers: Sequence[Matcher], mint: int, maxt: int, hints: SelectHints | None,
+                            plan: list[Segment]) -> list[Series]:
+        """A selection answered per time range by the plan's resolutions, as the view ``hints.func``
+        needs (``querier/downsampled.py``)."""
+        pieces: dict[Labels, list[Piece]] = {}
+        for seg in plan:
+            lo, hi = max(seg.start, mint), min(seg.end - 1, maxt)
+            if lo > hi:
+                continue
+            if seg.resolution == 0:
+                for s in self._select_raw(matchers, lo, hi, hints):
+                    ts, vs = s.samples()
+                    pieces.setdefault(s.labels, []).append(Piece(0, ts, vs, None))
+                continue
+            for r in seg.readers:
+                try:
+                    sel = r.select(matchers, lo, hi, hints)
+                except (BucketError, StorageError) as e:
+                    if isinstance(e, SampleLimitExceeded):
+                        raise
+                    self._failed(f"reading block {r.ulid}", e)
+                    continue
+                for s in sel:
+                    pieces.setdefault(s.labels, []).append(Piece(seg.resolution, None, None, s.aggregates))
+            if hints is not None and hints.notes is not None:
+                note = resolution_note(seg.resolution)
+                if note not in hints.notes:
+                    hints.notes.append(note)
+        func = hints.func if hints is not None else ""
+        return [view(lb, pieces[lb], func, mint, maxt) for lb in sorted(pieces)]
 
     def label_names(self, matchers: Sequence[Matcher], mint: int, maxt: int) -> list[str]:
         names: set[str] = set()
