@@ -41,8 +41,9 @@ class App:
         self.db = DB.open(options.data_dir, options.db, registry=self.registry)
         self.bucket = MetricsBucket(RetryingBucket(bucket_from_config(options.bucket_config())), self.registry)
         cache_metrics = CacheMetrics(self.registry)
-        blocks = BucketBlocks(self.bucket, caches=BlockCaches(options.query.index_cache_bytes,
-                                                              options.query.chunks_cache_bytes, cache_metrics))
+        q = options.query
+        blocks = BucketBlocks(self.bucket, caches=BlockCaches(q.index_cache_bytes, q.chunks_cache_bytes, cache_metrics,
+                                                              q.metadata_cache_bytes))
 
         def querier() -> TieredQuerier:
             return TieredQuerier(self.db.head, blocks)
@@ -72,7 +73,6 @@ class App:
                                  "data-dir": options.data_dir},
                           start_time=time.time(), cwd=os.getcwd(),
                           tsdb_stats=lambda limit: self.db.head.tsdb_stats(limit))
-        q = options.query
         frontend = QueryFrontend(
             engine, changes=AllChanges([HeadChanges(self.db.head.changes), BlockChanges(blocks.live)]),
             split_interval_ms=q.split_interval_ms, cache_bytes=q.results_cache_bytes,

@@ -34,6 +34,7 @@ Example (every key optional; these are the defaults)::
       results_cache_size: 256MiB   # answers of splits, kept while the data under them is unchanged
       align_queries_with_step: false   # round start/end of range queries down to a multiple of step
       caches:                      # bucket caches, bounded by bytes
+        metadata: 16MiB            # decoded meta.json files
         index: 256MiB              # block index files and data-file footers
         chunks: 512MiB             # decoded column chunks of blocks
 """
@@ -99,6 +100,7 @@ class QueryOptions:
     split_interval_ms: int = 86_400_000
     results_cache_bytes: int = 256 << 20
     align_queries_with_step: bool = False
+    metadata_cache_bytes: int = 16 << 20
     index_cache_bytes: int = 256 << 20
     chunks_cache_bytes: int = 512 << 20
 
@@ -210,7 +212,7 @@ def load(path: str | None, *, listen: str | None = None, data_dir: str | None = 
     _unknown(q, {"lookback_delta", "max_samples", "timeout", "max_concurrency", "split_interval",
                  "results_cache_size", "align_queries_with_step", "caches"}, "query")
     caches = _section(q, "caches")
-    _unknown(caches, {"index", "chunks"}, "query.caches")
+    _unknown(caches, {"metadata", "index", "chunks"}, "query.caches")
     max_concurrency = q.get("max_concurrency", 20)
     if not isinstance(max_concurrency, int) or isinstance(max_concurrency, bool) or max_concurrency <= 0:
         raise ConfigError("query.max_concurrency: expected a positive integer")
@@ -250,5 +252,6 @@ def load(path: str | None, *, listen: str | None = None, data_dir: str | None = 
             split_interval_ms=parse_duration_ms(q.get("split_interval", "24h"), "query.split_interval"),
             results_cache_bytes=parse_bytes(q.get("results_cache_size", "256MiB"), "query.results_cache_size"),
             align_queries_with_step=align,
+            metadata_cache_bytes=parse_bytes(caches.get("metadata", "16MiB"), "query.caches.metadata"),
             index_cache_bytes=parse_bytes(caches.get("index", "256MiB"), "query.caches.index"),
             chunks_cache_bytes=parse_bytes(caches.get("chunks", "512MiB"), "query.caches.chunks")))

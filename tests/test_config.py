@@ -81,3 +81,28 @@ def test_bad_config_files(tmp_path, text, msg):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="read config"):
         load(str(tmp_path / "none.yml"))
+
+
+def test_query_front_and_cache_options(tmp_path):
+    p = tmp_path / "c.yml"
+    p.write_text("query:\n  max_concurrency: 4\n  split_interval: 12h\n  results_cache_size: 64MiB\n"
+                 "  align_queries_with_step: true\n  caches: {metadata: 1MiB, index: 0, chunks: 1GiB}\n")
+    q = load(str(p)).query
+    assert (q.max_concurrency, q.split_interval_ms, q.results_cache_bytes, q.align_queries_with_step) == \
+        (4, 12 * 3600_000, 64 << 20, True)
+    assert (q.metadata_cache_bytes, q.index_cache_bytes, q.chunks_cache_bytes) == (1 << 20, 0, 1 << 30)
+
+
+@pytest.mark.parametrize("yaml_text,message", [
+    ("query: {max_concurrency: 0}", "query.max_concurrency: expected a positive integer"),
+    ("query: {max_concurrency: true}", "query.max_concurrency: expected a positive integer"),
+    ("query: {results_cache_size: lots}", "query.results_cache_size: cannot parse 'lots' as a size"),
+    ("query: {caches: {index: -1}}", "query.caches.index: cannot parse -1 as a size"),
+    ("query: {caches: {l2: 1MiB}}", "unknown"),
+    ("query: {align_queries_with_step: yes please}", "query.align_queries_with_step: expected true or false"),
+])
+def test_query_front_option_errors(tmp_path, yaml_text, message):
+    p = tmp_path / "c.yml"
+    p.write_text(yaml_text + "\n")
+    with pytest.raises(ConfigError, match=message):
+        load(str(p))
