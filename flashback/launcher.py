@@ -190,7 +190,7 @@ class LocalCluster:
     def describe(self) -> str:
         lines = [f"NATS:      {', '.join(self.nats.urls)}",
                  f"topology:  {self.topology_path}",
-                 f"bucket:    {self.objstore_path}",
+                 f"bucket:    {self._bucket_where()}   ({self.objstore_path})",
                  f"adapter:   {self.write_url}   (Prometheus remote_write)",
                  f"querier:   {self.query_url}   (Grafana data source, remote_read at /api/v1/read)"]
         for name, p in sorted(self.processes.items()):
@@ -200,6 +200,12 @@ class LocalCluster:
                 lines.append(f"{name:<22} http {p.http}" + (f"  grpc {grpc}" if grpc else ""))
         lines.append(f"logs:      {self.directory}/*.log")
         return "\n".join(lines)
+
+    def _bucket_where(self) -> str:
+        config = self.objstore.get("config") or {}
+        if self.objstore.get("type") == "FILESYSTEM":
+            return str(config.get("directory"))
+        return f"{self.objstore.get('type')} {config.get('endpoint')}/{config.get('bucket')}"
 
     def stop(self) -> None:
         # Writers first, then readers, then the stores, then NATS.
