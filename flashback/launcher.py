@@ -111,7 +111,8 @@ class LocalCluster:
         self.topology_path = os.path.join(self.directory, "topology.yml")
         self.objstore_path = os.path.join(self.directory, "objstore.yml")
         self.topology: Topology | None = None
-        self.objstore = objstore or {"type": "FILESYSTEM", "config": {"directory": os.path.join(self.directory, "bucket")}}
+        self.objstore = objstore or {"type": "FILESYSTEM",
+                                     "config": {"directory": os.path.join(self.directory, "bucket")}}
         self.store_flags = list(store_flags)
         self.compactor_flags = list(compactor_flags)
         self.querier_flags = list(querier_flags)

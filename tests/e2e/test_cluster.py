@@ -321,7 +321,8 @@ def test_kill_9_replicas_nats_servers_and_adapter_under_load_in_rounds(cluster):
         # is on (not the one just restarted), down for 3 s.
         conns = _adapter_connections(cluster)
         assert len(conns) == 3, f"the adapter's connections to NATS: {conns}"
-        victim = next(i for s, i in sorted(conns.items()) if i != leader)
+        victim = next((i for s, i in sorted(conns.items()) if i != leader), None)
+        assert victim is not None, f"every adapter connection is on the NATS server just restarted: {conns}"
         t = kill_nats(victim, "NATS server of an adapter connection, right after a NATS restart")
         time.sleep(3)
         cluster.nats.restart(victim)
