@@ -27,9 +27,14 @@ Phases, all state under ``--work`` (default /tmp/bench/longrange):
    watermark (``flashback_compactor_persisted_watermark_seconds``) reaches the end of the last
    closed window that holds data and one whole compactor pass writes no block; with
    ``--wait-downsampled`` also until ``flashback bucket ls`` lists blocks of every resolution
-   in ``--resolutions`` (default 5m and 1h) and a pass writes nothing. Then Flashback is restarted
-   (cold caches; SeaweedFS keeps running) and, once its first compactor pass is over, the
-   dashboard is timed. ``--reuse-flashback`` skips the replay and compaction.
+   in ``--resolutions`` (default 5m and 1h) and a pass writes nothing; then until the head has
+   dropped the persisted data older than its retention (a ``head truncated`` log line; the
+   checkpoint interval is 15 s in this phase), so that the head holds what it would hold in
+   steady state. One untimed dashboard pass follows (``--no-prime`` skips it): it fills numba's
+   on-disk cache, which a deployment fills once, not at every restart. Then Flashback is
+   restarted (cold caches; SeaweedFS keeps running) and, once its first compactor pass is over,
+   the dashboard is timed. ``--reuse-flashback`` skips the replay (the compactor waits still
+   run, so downsampling of an existing bucket by newer code can be waited for).
    ``--flashback-src DIR`` runs Flashback from another checkout (e.g. ``git archive`` of one
    commit, so that half-finished edits in the working tree are not measured);
    ``--flashback-config YAML`` is merged into the generated config (e.g. downsampling keys).
@@ -38,9 +43,11 @@ Phases, all state under ``--work`` (default /tmp/bench/longrange):
    ``time_range``: 2419 s for 7 days). Each query runs once right after the restart (cold), then
    the whole dashboard once more (warm), one query at a time. Reported per query and as
    p50/p90: cold and warm latency, cold/warm speed-up, Flashback/Prometheus ratios, the
-   server's CPU seconds per pass, and how Flashback's answers differ from Prometheus' (qload's
-   ``diff`` with ``--rel-tol``, default 5 % because downsampled answers are approximations, and
-   the largest relative difference of any point).
+   server's CPU seconds per query and per pass (steadier than wall-clock on a shared machine;
+   ``other_cpu_s`` and the load average show the other load), and how Flashback's cold and warm
+   answers differ from Prometheus' (qload's ``diff`` with ``--rel-tol``, default 5 % because
+   downsampled answers are approximations, "identical" at qload's own 1e-9, and the largest
+   relative difference of any point).
 
 Results: WORK/results-<UTC time>/longrange.json and table.txt. Servers bind 127.0.0.1 only;
 heavy children run under ``nice -n --nice`` (default 10) because the machine is shared.
@@ -190,10 +197,13 @@ def dashboard_pass(url: str, pid: int, rng: tuple[float, float, int]) -> dict:
     per_query, bodies = {}, {}
     cpu0, busy0, t0 = cpu_seconds(pid), machine_busy_seconds(), time.perf_counter()
     for name, q in qload.QUERIES.items():
-        q0 = time.perf_counter()
+        c0, q0 = cpu_seconds(pid), time.perf_counter()
         status, body = client.query_range(qload.form(q, start, end, step))
         seconds = time.perf_counter() - q0
-        entry = {"seconds": round(seconds, 4), "status": status, "bytes": len(body)}
+        # The server's CPU during the query: steadier than wall-clock on a shared machine (it
+        # includes the server's background threads, e.g. Flashback's compactor and checkpoints).
+        entry = {"seconds": round(seconds, 4), "server_cpu_s": round(cpu_seconds(pid) - c0, 2), "status": status,
+                 "bytes": len(body)}
         try:
             doc = json.loads(body)
             entry["ok"] = status == 200 and doc.get("status") == "success"
@@ -212,12 +222,17 @@ def dashboard_pass(url: str, pid: int, rng: tuple[float, float, int]) -> dict:
             entry["ok"], entry["error"] = False, body[:300].decode(errors="replace")
         per_query[name] = entry
         bodies[name] = body
-        log(f"  {name}: {seconds:.3f} s {'ok' if entry['ok'] else entry.get('error', status)}")
+        log(f"  {name}: {seconds:.3f} s (server cpu {entry['server_cpu_s']} s) "
+            f"{'ok' if entry['ok'] else entry.get('error', status)}")
     wall, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
     busy = machine_busy_seconds() - busy0
     ok = [e["seconds"] for e in per_query.values() if e["ok"]]
+    ok_cpu = np.array([e["server_cpu_s"] for e in per_query.values() if e["ok"]] or [np.nan])
     return {"per_query": per_query, "wall_s": round(wall, 2), "server_cpu_s": round(cpu, 2),
-            "other_cpu_s": round(busy - cpu, 2), "errors": len(per_query) - len(ok), **percentiles(ok)}, bodies
+            "other_cpu_s": round(busy - cpu, 2), "load_avg_1m": os.getloadavg()[0],
+            "errors": len(per_query) - len(ok), **percentiles(ok),
+            "cpu_p50_s": round(float(np.percentile(ok_cpu, 50)), 3),
+            "cpu_p90_s": round(float(np.percentile(ok_cpu, 90)), 3)}, bodies
 
 
 def percentiles(seconds: list[float]) -> dict:
@@ -229,10 +244,11 @@ def percentiles(seconds: list[float]) -> dict:
 def measure(url: str, pid: int, meta: dict, args: argparse.Namespace) -> tuple[dict, dict]:
     rng = query_range(meta, args.days)
     log(f"measure {url}: range {rng[0]:.0f}..{rng[1]:.0f} step {rng[2]} s; cold pass")
-    cold, _ = dashboard_pass(url, pid, rng)
+    cold, cold_bodies = dashboard_pass(url, pid, rng)
     log("warm pass")
-    warm, bodies = dashboard_pass(url, pid, rng)
-    return {"range": {"start": rng[0], "end": rng[1], "step": rng[2]}, "cold": cold, "warm": warm}, bodies
+    warm, warm_bodies = dashboard_pass(url, pid, rng)
+    return ({"range": {"start": rng[0], "end": rng[1], "step": rng[2]}, "cold": cold, "warm": warm},
+            {"cold": cold_bodies, "warm": warm_bodies})
 
 
 def compare(ref: dict[str, bytes], got: dict[str, bytes], rel_tol: float, abs_tol: float) -> dict:
@@ -241,11 +257,16 @@ def compare(ref: dict[str, bytes], got: dict[str, bytes], rel_tol: float, abs_to
 
     out = {}
     for name in qload.QUERIES:
-        try:
-            a, b = qload.series_map(ref[name]), qload.series_map(got[name])
-        except (KeyError, ValueError) as e:
-            out[name] = {"verdict": "error", "error": str(e)[:200]}
+        maps = []
+        for side, bodies in (("prometheus", ref), ("flashback", got)):
+            try:
+                maps.append(qload.series_map(bodies[name]))
+            except (KeyError, ValueError) as e:
+                out[name] = {"verdict": "error", "error": f"{side}: {type(e).__name__}: {str(e)[:200]}"}
+                break
+        if len(maps) < 2:
             continue
+        a, b = maps
         if a.keys() != b.keys():  # compare without __name__ if that is the only difference
             strip = lambda m: {tuple(kv for kv in k if kv[0] != "__name__"): v for k, v in m.items()}
             sa, sb = strip(a), strip(b)
@@ -260,8 +281,11 @@ def compare(ref: dict[str, bytes], got: dict[str, bytes], rel_tol: float, abs_to
                 if x == y or (math.isnan(x) and math.isnan(y)):
                     continue
                 max_rel = max(max_rel, abs(x - y) / max(abs(x), abs(y), abs_tol))
-        d = qload.diff(qload.series_map(ref[name]), qload.series_map(got[name]), rel_tol, abs_tol)
-        out[name] = {"verdict": "ok" if d is None else "differs", "why": d and d["why"],
+        ra, rb = maps
+        d = qload.diff(ra, rb, rel_tol, abs_tol)
+        exact = qload.diff(ra, rb, 1e-9, 1e-12)  # qload --compare's own tolerances
+        out[name] = {"verdict": ("identical" if exact is None else "within tol") if d is None else "differs",
+                     "why": d and d["why"], "why_strict": exact and exact["why"],
                      "series_prometheus": len(a), "series_flashback": len(b), "points_compared": points,
                      "max_rel_diff": float(f"{max_rel:.3g}")}
     return out
@@ -319,7 +343,7 @@ def run_prometheus(args: argparse.Namespace, meta: dict) -> dict:
         phase["data_dir_mib"] = round(du(os.path.join(d, "data")) / 2**20, 1)
     finally:
         peers(args, "stop", port, d)
-    save_bodies(os.path.join(args.work, "prometheus-answers"), bodies)
+    save_bodies(os.path.join(args.work, "prometheus-answers"), bodies["warm"])
     phase["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     json.dump(phase, open(os.path.join(args.work, "prometheus-phase.json"), "w"), indent=1)
     return phase
@@ -483,6 +507,9 @@ def run_flashback(args: argparse.Namespace, meta: dict) -> dict:
                                          text=True).stdout.strip() or open(os.path.join(src, "COMMIT")).read().strip()
     except OSError:
         phase["commit"] = None
+    dirty = subprocess.run(["git", "-C", src, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True)
+    phase["uncommitted_changes"] = dirty.stdout.count("\n") if dirty.returncode == 0 else None
     if not args.reuse_flashback:
         shutil.rmtree(base, ignore_errors=True)
     elif not os.path.isdir(os.path.join(base, "data")):
@@ -542,6 +569,13 @@ def run_flashback(args: argparse.Namespace, meta: dict) -> dict:
                                           for k in ("series", "chunks", "chunk_bytes")}
         phase["blocks"] = summarize_blocks(fb.bucket_blocks())
         log(f"bucket: {json.dumps(phase['blocks'])}")
+        if args.prime:
+            # One untimed pass before the cold restart: numba compiles the query kernels into its
+            # on-disk cache (__pycache__) the first time a checkout runs them, as any deployment
+            # does once; without this pass the first checkout's "cold" numbers include compiling.
+            t0 = time.monotonic()
+            phase["prime"], _ = dashboard_pass(fb.url, fb.proc.pid, query_range(meta, args.days))
+            phase["wall_s"]["prime"] = round(time.monotonic() - t0, 1)
         phase["wall_s"]["stop_before_cold"] = fb.stop()
         # Cold: a new process. Its first compactor pass (catalog refresh, watermark) is left to
         # finish first, so that the cold pass measures queries rather than the compactor.
@@ -557,7 +591,8 @@ def run_flashback(args: argparse.Namespace, meta: dict) -> dict:
         phase["measure"], bodies = measure(fb.url, fb.proc.pid, meta, args)
         phase["wall_s"]["measure"] = round(time.monotonic() - t0, 1)
         phase["rss_mib"] = rss_mib(fb.proc.pid)
-        save_bodies(os.path.join(args.work, "flashback-answers"), bodies)
+        for p in ("cold", "warm"):
+            save_bodies(os.path.join(args.work, "flashback-answers", p), bodies[p])
         phase["data_dir_mib"] = round(du(os.path.join(base, "data")) / 2**20, 1)
         phase["bucket_dir_mib"] = round(du(os.path.join(base, "seaweedfs")) / 2**20, 1)
     finally:
@@ -592,26 +627,29 @@ def report(args: argparse.Namespace, meta: dict, prom: dict | None, fb: dict | N
             if phase and "measure" in phase:
                 c, w = (phase["measure"][p]["per_query"][name] for p in ("cold", "warm"))
                 row[side] = {"cold_s": c["seconds"] if c["ok"] else None, "warm_s": w["seconds"] if w["ok"] else None,
+                             "cold_cpu_s": c.get("server_cpu_s"), "warm_cpu_s": w.get("server_cpu_s"),
                              "series": w.get("series"), "error": c.get("error") or w.get("error")}
                 row[side]["speedup"] = ratio(row[side]["cold_s"], row[side]["warm_s"])
         if "prometheus" in row and "flashback" in row:
             row["fb_over_prom_cold"] = ratio(row["flashback"]["cold_s"], row["prometheus"]["cold_s"])
             row["fb_over_prom_warm"] = ratio(row["flashback"]["warm_s"], row["prometheus"]["warm_s"])
         if cmp:
-            row["compare"] = cmp[name]
+            row["compare"] = cmp["warm"][name]
+            row["compare_cold"] = cmp["cold"][name]
         rows[name] = row
     summary = {}
     for side, phase in (("prometheus", prom), ("flashback", fb)):
         if phase and "measure" in phase:
             m = phase["measure"]
-            summary[side] = {p: {k: m[p][k] for k in ("p50_s", "p90_s", "max_s", "wall_s", "server_cpu_s",
-                                                      "other_cpu_s", "errors")} for p in ("cold", "warm")}
+            summary[side] = {p: {k: m[p].get(k) for k in ("p50_s", "p90_s", "max_s", "cpu_p50_s", "cpu_p90_s", "wall_s",
+                                                          "server_cpu_s", "other_cpu_s", "load_avg_1m", "errors")}
+                             for p in ("cold", "warm")}
             summary[side]["speedup_p50"] = ratio(m["cold"]["p50_s"], m["warm"]["p50_s"])
             summary[side]["speedup_p90"] = ratio(m["cold"]["p90_s"], m["warm"]["p90_s"])
     if "prometheus" in summary and "flashback" in summary:
         p, f = summary["prometheus"], summary["flashback"]
         summary["fb_over_prom"] = {f"{pas}_{k}": ratio(f[pas][k], p[pas][k]) for pas in ("cold", "warm")
-                                   for k in ("p50_s", "p90_s", "server_cpu_s")}
+                                   for k in ("p50_s", "p90_s", "server_cpu_s", "wall_s")}
     if "flashback" in summary:
         f = summary["flashback"]
         summary["targets"] = {"cold_p50_below_2s": f["cold"]["p50_s"] < 2,
@@ -624,6 +662,8 @@ def report(args: argparse.Namespace, meta: dict, prom: dict | None, fb: dict | N
 def fmt(v: object) -> str:
     if v is None:
         return "-"
+    if isinstance(v, float) and 0 < abs(v) < 1e-3:
+        return f"{v:.2g}"
     if isinstance(v, float):
         return f"{v:.3f}" if v < 100 else f"{v:.0f}"
     return str(v)
@@ -631,14 +671,14 @@ def fmt(v: object) -> str:
 
 def table(doc: dict) -> str:
     cols = ["query", "prom cold s", "prom warm s", "fb cold s", "fb warm s", "fb cold/warm", "fb/prom cold",
-            "fb/prom warm", "series p/f", "max rel diff", "verdict"]
+            "fb/prom warm", "fb cpu cold", "fb cpu warm", "series p/f", "max rel diff", "verdict", "cold verdict"]
     lines = ["  ".join(f"{c:>13}" if i else f"{c:<24}" for i, c in enumerate(cols))]
     for name, r in doc["queries"].items():
         p, f, c = r.get("prometheus", {}), r.get("flashback", {}), r.get("compare") or {}
         vals = [p.get("cold_s"), p.get("warm_s"), f.get("cold_s"), f.get("warm_s"), f.get("speedup"),
-                r.get("fb_over_prom_cold"), r.get("fb_over_prom_warm"),
+                r.get("fb_over_prom_cold"), r.get("fb_over_prom_warm"), f.get("cold_cpu_s"), f.get("warm_cpu_s"),
                 f"{c.get('series_prometheus', '-')}/{c.get('series_flashback', '-')}", c.get("max_rel_diff"),
-                c.get("verdict")]
+                c.get("verdict"), (r.get("compare_cold") or {}).get("verdict")]
         lines.append("  ".join([f"{name:<24}"] + [f"{fmt(v):>13}" for v in vals]))
     lines.append("")
     for side, s in doc["summary"].items():
@@ -676,6 +716,8 @@ def main() -> None:
     ap.add_argument("--wait-downsampled", action="store_true", help="also wait for downsampled blocks")
     ap.add_argument("--resolutions", default="5m,1h", help="with --wait-downsampled (default 5m,1h)")
     ap.add_argument("--downsample-timeout", type=float, default=7200)
+    ap.add_argument("--no-prime", dest="prime", action="store_false",
+                    help="skip the untimed dashboard pass before Flashback's cold restart (it fills numba's cache)")
     ap.add_argument("--query-timeout", default="10m", help="flashback query.timeout (default 10m)")
     ap.add_argument("--concurrency", type=int, default=2, help="rwload connections (default 2)")
     ap.add_argument("--rel-tol", type=float, default=0.05, help="answers compared within this (default 0.05)")
@@ -700,7 +742,8 @@ def main() -> None:
         fb = run_flashback(args, meta)
         ref = load_bodies(os.path.join(args.work, "prometheus-answers"))
         if ref:
-            cmp = compare(ref, load_bodies(os.path.join(args.work, "flashback-answers")), args.rel_tol, args.abs_tol)
+            cmp = {p: compare(ref, load_bodies(os.path.join(args.work, "flashback-answers", p)), args.rel_tol,
+                              args.abs_tol) for p in ("cold", "warm")}
     doc = report(args, meta, prom, fb, cmp)
     out = os.path.join(args.work, "results-" + time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
     os.makedirs(out)
