@@ -6,7 +6,10 @@ Replays a ``../shared/bench/rwload.py`` dump (or its first N requests) into a si
 ``flashback up`` and then into a local cluster (``flashback cluster up``'s LocalCluster), each on
 a fresh directory, with rwload's own timing; waits until every head replica has applied
 everything; prints samples/s, write p50/p99, the cluster/single ratio, and per replica its RSS
-and head series (RSS per active series per replica).
+and head series (RSS per active series per replica). CPU seconds per million samples are read
+from ``/proc/<pid>/stat`` of every process (single node; cluster per role and per process, NATS
+servers included), once when the replay ends and once when every replica has caught up: unlike
+wall-clock figures they hardly depend on what else runs on the machine.
 """
 
 from __future__ import annotations
@@ -58,6 +61,37 @@ def _rss_mib(pid: int) -> float:
     return 0.0
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (``/proc/<pid>/stat``), 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _role(name: str) -> str:
+    """The role of a process name: adapter, querier, store (head replica), compactor or nats."""
+    return name.split("-", 1)[0]
+
+
+def _cpu_by_role(pids: dict[str, int], before: dict[str, float], samples: int) -> dict:
+    """CPU seconds per million samples since ``before``: per role (summed) and per process."""
+    per_proc = {name: _cpu_s(pid) - before[name] for name, pid in pids.items()}
+    roles: dict[str, float] = {}
+    for name, s in per_proc.items():
+        roles[_role(name)] = roles.get(_role(name), 0.0) + s
+    per_m = 1e6 / samples
+    return {"cpu_s_per_m_samples": {r: round(s * per_m, 2) for r, s in sorted(roles.items())},
+            "cpu_s_per_m_samples_total": round(sum(roles.values()) * per_m, 2),
+            "cpu_s_per_m_samples_per_process": {n: round(s * per_m, 2) for n, s in sorted(per_proc.items())}}
+
+
+def _loadavg() -> float:
+    return float(open("/proc/loadavg").read().split()[0])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("dump")
@@ -76,14 +110,23 @@ def main() -> int:
                          os.path.join(work, "single.log"))
         single.start()
         while not single.ready():
+            if single.proc.poll() is not None:
+                raise SystemExit(f"single node exited with {single.proc.returncode}: {single.log()}")
             time.sleep(0.2)
+        load_before = _loadavg()
+        cpu0 = _cpu_s(single.proc.pid)
         one = _replay(f"http://{http}/api/v1/write", dump, args.concurrency)
+        one_cpu = round((_cpu_s(single.proc.pid) - cpu0) * 1e6 / one["samples_accepted"], 2)
         single.stop()
 
         cluster = LocalCluster(os.path.join(work, "cluster"), shards=args.shards, replicas=args.replicas)
         cluster.start(timeout=300)
         try:
+            pids = {name: p.proc.pid for name, p in cluster.processes.items()}
+            pids.update({f"nats-{i}": p.pid for i, p in enumerate(cluster.nats._procs)})
+            before = {name: _cpu_s(pid) for name, pid in pids.items()}
             many = _replay(cluster.write_url, dump, args.concurrency)
+            during = _cpu_by_role(pids, before, many["samples_accepted"])
             port = cluster.processes["querier"].http
 
             def lags() -> list[int]:
@@ -95,6 +138,7 @@ def main() -> int:
             while any(lag != 0 for lag in lags()):
                 time.sleep(1)
             caught_up_s = time.monotonic() - t0
+            total = _cpu_by_role(pids, before, many["samples_accepted"])
             with urllib.request.urlopen(f"http://{port}/api/v1/status/cluster", timeout=30) as r:
                 shards = json.loads(r.read())["data"]["shards"]
             per_replica = []
@@ -105,8 +149,12 @@ def main() -> int:
                     per_replica.append((s["shard"], rep["name"], rep.get("series", 0), rss))
         finally:
             cluster.stop()
-        print(json.dumps({"single": {k: one[k] for k in ("samples_accepted", "samples_per_s", "latency_ms")},
+        print(json.dumps({"single": {**{k: one[k] for k in ("samples_accepted", "samples_per_s", "latency_ms")},
+                                     "cpu_s_per_m_samples": one_cpu},
                           "cluster": {k: many[k] for k in ("samples_accepted", "samples_per_s", "latency_ms")},
+                          "cluster_cpu_during_replay": during,
+                          "cluster_cpu_until_caught_up": total,
+                          "loadavg_1m_before": load_before,
                           "ratio_samples_per_s": round(many["samples_per_s"] / one["samples_per_s"], 3),
                           "replicas_caught_up_after_s": round(caught_up_s, 1),
                           "replicas": [{"shard": s, "replica": r, "series": n, "rss_mib": round(m, 1),
