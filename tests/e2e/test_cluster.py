@@ -8,6 +8,7 @@ compactors as separate processes (``flashback.launcher.LocalCluster``).
   replica again while it replays), and restart each: writes resume within 10 s of every kill
   (measured from the writers' own log of 2xx answers), every sample answered 2xx is returned by
   queries exactly once, and every restarted replica catches up (lag 0) and answers like its peers.
+  Queries through the querier go on too: one is answered within 10 s of every kill.
 """
 
 from __future__ import annotations
@@ -192,6 +193,39 @@ class _Burst:
         self._thread.join()
 
 
+class _Reads:
+    """A reader querying the querier twice a second; logs (start, end, ok) of every query."""
+
+    def __init__(self, port_of) -> None:
+        self._port_of = port_of
+        self.log: list[tuple[float, float, bool]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            start = time.monotonic()
+            try:
+                doc = get_json(self._port_of(), "/api/v1/query", {"query": "count(cl_load)"})
+                ok = doc["status"] == "success" and bool(doc["data"]["result"])
+            except (OSError, AssertionError, ValueError):
+                ok = False
+            self.log.append((start, time.monotonic(), ok))
+
+    def answered_after(self, kill: float) -> float | None:
+        """Seconds from ``kill`` to the first answer of a query sent after it; None if none yet."""
+        ends = [end for start, end, ok in self.log if start > kill and ok]
+        return min(ends) - kill if ends else None
+
+    def __enter__(self) -> "_Reads":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def _jsz_streams(c) -> dict[str, dict]:
     """Stream name -> JetStream's detail of it, from the monitoring endpoint of a live server."""
     for i in range(len(c.nats.urls)):
@@ -273,7 +307,7 @@ def test_kill_9_replicas_nats_servers_and_adapter_under_load_in_rounds(cluster):
     kills: list[tuple[str, float]] = []  # (what, when)
     nats_victims: list[dict] = []  # what each killed NATS server was when it died
 
-    with _Load(lambda: _adapter_port(cluster)) as load:
+    with _Load(lambda: _adapter_port(cluster)) as load, _Reads(lambda: _querier_port(cluster)) as reads:
 
         def killed(what: str) -> float:
             now = time.monotonic()
@@ -376,6 +410,14 @@ def test_kill_9_replicas_nats_servers_and_adapter_under_load_in_rounds(cluster):
           json.dumps({k: None if v is None else round(v, 2) for k, v in resume.items()}, indent=1))
     slow = {what: s for what, s in resume.items() if s is None or s > RESUME_S}
     assert not slow, f"writes did not resume within {RESUME_S} s: {slow}"
+    # Reads did not stop either: the querier answered within 10 s of every kill.
+    answered = {what: reads.answered_after(t) for what, t in kills}
+    print("seconds from each kill to the first query answered after it:",
+          json.dumps({k: None if v is None else round(v, 2) for k, v in answered.items()}, indent=1))
+    slow = {what: s for what, s in answered.items() if s is None or s > RESUME_S}
+    assert not slow, f"queries were not answered within {RESUME_S} s: {slow}"
+    failed_reads = sum(not ok for _, _, ok in reads.log)
+    print(f"queries: {len(reads.log)}, failed: {failed_reads}")
 
     replicas = [n for n in cluster.processes if n.startswith("store-")]
     cluster.wait_ready(120, replicas)
