@@ -21,6 +21,8 @@ to raw ones (tolerances in ``store/docs/format/block.md``):
 * ``rate``, ``increase``, ``irate``: the counter aggregate, one reset-adjusted
   counter continued across blocks and raw ranges (``store.aggregates``), with
   each block's first raw sample as an extra point (Thanos' counter series).
+  Raw ranges and finer blocks in the same selection are aggregated on the fly
+  to the selection's coarsest resolution, so points are evenly spaced.
 * ``max_over_time``/``min_over_time``/``sum_over_time``: the max/min/sum
   aggregate.
 * ``count_over_time`` and ``avg_over_time``: the count (and sum) aggregate
@@ -40,7 +42,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from store.aggregates import counter_offsets, reset_adjusted, trim_overlaps
+from store.aggregates import counter_offsets, downsample_aggregates, downsample_raw, trim_overlaps
 from store.block import Aggregates, BlockReader
 from store.labels import Labels
 from store.storage import ArraySeries, SelectHints
@@ -200,20 +202,23 @@ def view(labels: Labels, pieces: list[Piece], func: str, mint: int, maxt: int) -
 
 
 def _counter_view(labels: Labels, pieces: list[Piece], mint: int, maxt: int) -> ViewSeries:
+    # Every piece at the coarsest resolution among them (raw samples and finer blocks aggregated
+    # on the fly), so points are evenly spaced: rate's extrapolation, which measures the gap to
+    # the window's edges in average point spacings, would otherwise extrapolate a window that
+    # starts in 5m data and ends in raw data by seconds instead of minutes.
+    target = max(p.resolution for p in pieces)
     aggs: list[Aggregates] = []
     for p in pieces:
         if p.aggregates is not None:
-            if len(p.aggregates.t):
-                aggs.append(p.aggregates)
+            a = p.aggregates
+            if len(a.t) and p.resolution < target:
+                a = downsample_aggregates([a], target)
+            if a is not None and len(a.t):
+                aggs.append(a)
             continue
-        ts = np.asarray(p.ts, dtype=np.int64)
-        vs = np.asarray(p.vs, dtype=np.float64)
-        keep = ~np.isnan(vs)
-        ts, vs = ts[keep], vs[keep]
-        if len(ts):
-            ones = np.ones(len(ts), dtype=np.int64)
-            aggs.append(Aggregates(ts, ones, vs, vs, vs, reset_adjusted(vs), int(ts[0]), float(vs[0]),
-                                   float(vs[-1])))
+        a = downsample_raw(p.ts, p.vs, target)
+        if a is not None:
+            aggs.append(a)
     aggs = trim_overlaps(aggs)
     ts_parts, v_parts = [], []
     for a, off in zip(aggs, counter_offsets(aggs)):

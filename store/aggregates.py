@@ -5,9 +5,12 @@ The functions take and return arrays and do no I/O; the compactor's
 ``store/docs/format/block.md``) and the querier to join counters across
 blocks. Rules:
 
-* An interval is ``[k * resolution, (k + 1) * resolution)``, aligned to the
-  Unix epoch; a row exists for every interval holding at least one sample, at
-  the timestamp of the interval's last sample (Thanos' rule).
+* An interval is ``((k - 1) * resolution, k * resolution]``, aligned to the
+  Unix epoch and right-closed like PromQL's windows ``(t - range, t]``
+  (``store.block.interval_of``), so a query window ending on an interval
+  boundary covers whole intervals; a row exists for every interval holding at
+  least one sample, at the timestamp of the interval's last sample (Thanos'
+  rule; Thanos' intervals are left-closed).
 * ``count``, ``sum``, ``min`` and ``max`` are those of the interval's samples;
   NaN samples (stale markers included) are left out.
 * ``counter`` reads the series as a counter: it starts at the block's first
@@ -25,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from store.block import Aggregates
+from store.block import Aggregates, interval_of
 
 
 def reset_adjusted(values: np.ndarray) -> np.ndarray:
@@ -43,7 +46,7 @@ def reset_adjusted(values: np.ndarray) -> np.ndarray:
 
 def _intervals(ts: np.ndarray, resolution: int) -> tuple[np.ndarray, np.ndarray]:
     """First and last row of every run of ``ts`` in one aligned interval of ``resolution``."""
-    k = ts // resolution
+    k = interval_of(ts, resolution)
     starts = np.flatnonzero(np.concatenate(([True], k[1:] != k[:-1])))
     ends = np.concatenate((starts[1:], [len(ts)])) - 1
     return starts, ends

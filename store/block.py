@@ -339,11 +339,18 @@ class _HashingWriter(io.RawIOBase):
         return EncodedFile(self._size, self._hash.hexdigest(), self._tail)
 
 
+def interval_of(ts: np.ndarray, resolution: int) -> np.ndarray:
+    """The number ``k`` of the downsampling interval ``((k - 1) * resolution, k * resolution]`` of
+    each timestamp: intervals are right-closed like PromQL's range windows ``(t - range, t]``, so
+    a window ending on an interval boundary holds whole intervals."""
+    return -((-ts) // resolution)
+
+
 class Aggregates(NamedTuple):
     """Per-interval aggregates of one series in one downsampled block (format version 2).
 
-    Row ``i`` summarises the samples of interval ``[k * resolution, (k + 1) * resolution)``
-    with ``t[i]`` the timestamp of its last sample: their ``count``, ``sum``, ``min`` and
+    Row ``i`` summarises the samples of interval ``((k - 1) * resolution, k * resolution]``
+    (``interval_of``) with ``t[i]`` the timestamp of its last sample: their ``count``, ``sum``, ``min`` and
     ``max``, and ``counter``, the series' value read as a counter, reset-adjusted from the
     block's first sample on (``first_v`` plus every increase since, a decrease counting as a
     reset to zero). ``first_t``/``first_v`` are the block's first sample of the series and
@@ -430,7 +437,7 @@ def encode_aggregate_block(series: Iterable[AggregateData], data_out: BinaryIO, 
                                                              for c in (a.sum, a.min, a.max, a.counter)]
             if any(len(c) != len(ts) for c in cols):
                 raise ValueError(f"series {labels}: aggregate columns of different lengths")
-            k = ts // resolution
+            k = interval_of(ts, resolution)
             if len(k) > 1 and not (np.diff(k) > 0).all():
                 raise ValueError(f"series {labels}: two rows in one interval of {resolution} ms")
             if (cols[0] < 1).any() or (cols[2] > cols[3]).any():
@@ -1307,7 +1314,7 @@ def _verify_aggregates(table: pa.Table, t: np.ndarray, same: np.ndarray, last_co
         raise CorruptBlock(f"{context}: a row with count < 1")
     if (mn > mx).any():
         raise CorruptBlock(f"{context}: a row with min > max")
-    k = t // resolution
+    k = interval_of(t, resolution)
     if (same & ~(k[1:] > k[:-1])).any():
         raise CorruptBlock(f"{context}: two rows of a series in one interval of {resolution} ms")
     # The counter aggregate never decreases for a counter, but does for a gauge's negative

@@ -34,10 +34,14 @@ STALE = float(np.array([0x7FF0000000000002], dtype=np.uint64).view(np.float64)[0
 # Data: counters with resets and gauges, scraped every 15 s with jitter
 
 
-def counter_with_resets(ts: np.ndarray, rng, resets: int = 3) -> np.ndarray:
+def counter_with_resets(ts: np.ndarray, rng, resets: int = 3, at_times: tuple[int, ...] = ()) -> np.ndarray:
+    """A counter growing ~0.33/s that restarts near zero ``resets`` times, and at the first
+    sample at or after each of ``at_times``."""
     inc = rng.uniform(0, 10, len(ts))
     vs = np.cumsum(inc)
-    for at in rng.choice(np.arange(10, len(ts) - 10), resets, replace=False):
+    where = set(rng.choice(np.arange(10, len(ts) - 10), resets, replace=False).tolist())
+    where |= {int(np.searchsorted(ts, t)) for t in at_times}
+    for at in sorted(where):
         vs[at:] -= vs[at] - rng.uniform(0, 3)  # the counter restarts near zero
     return vs
 
@@ -51,12 +55,13 @@ def scrape_times(start: int, end: int, rng, step: int = 15_000) -> np.ndarray:
     return ts[ts < end]
 
 
-def dataset(start: int, end: int, seed: int = 7) -> list:
+def dataset(start: int, end: int, seed: int = 7, reset_at: tuple[int, ...] = ()) -> list:
     rng = np.random.default_rng(seed)
     out = []
     for i in range(2):
         ts = scrape_times(start, end, rng)
-        out.append(([("__name__", "requests_total"), ("instance", f"h{i}")], ts, counter_with_resets(ts, rng)))
+        out.append(([("__name__", "requests_total"), ("instance", f"h{i}")], ts,
+                    counter_with_resets(ts, rng, at_times=reset_at)))
         ts = scrape_times(start, end, rng)
         out.append(([("__name__", "temperature"), ("instance", f"h{i}")], ts, gauge(ts, rng)))
     return [(ls, [(int(t), float(v)) for t, v in zip(ts, vs)]) for ls, ts, vs in out]
@@ -81,7 +86,7 @@ def reference(ts, vs, resolution):
         else:
             counter += v - last
         last = v
-        k = t // resolution
+        k = -(-t // resolution)  # intervals ((k - 1) * res, k * res]
         r = rows.get(k)
         if r is None:
             rows[k] = [t, 1, v, v, v, counter]
