@@ -96,20 +96,20 @@ class Downsampler:
     """
 
     def __init__(self, bucket: Bucket, *, external_labels: Mapping[str, str] | None = None,
-                 min_span_1h_ms: int = DEFAULT_MIN_SPAN_1H_MS, registry: CollectorRegistry | None = None,
+                 min_span_1h_ms: int | None = DEFAULT_MIN_SPAN_1H_MS, registry: CollectorRegistry | None = None,
                  now: Callable[[], int] = _wall_ms, logger: logging.Logger | None = None,
                  tmp_dir: str | None = None, rows_per_group: int | None = None) -> None:
         """Args:
             bucket: where raw blocks are read and downsampled blocks go.
             external_labels: labels of the blocks this downsampler reads and writes (a shard).
-            min_span_1h_ms: raw blocks spanning at least this long get a 1h block.
+            min_span_1h_ms: raw blocks spanning at least this long get a 1h block; None: no 1h blocks.
             registry: where the ``flashback_downsampler_*`` metrics go (default: a private one).
             now: the clock, ms since the epoch (new ULIDs, deletion marks).
             logger: default ``logging.getLogger("compactor.downsample")``.
             tmp_dir: directory for block files being written or verified.
             rows_per_group: data file row group size (default: the block format's).
         """
-        if min_span_1h_ms <= 0:
+        if min_span_1h_ms is not None and min_span_1h_ms <= 0:
             raise ValueError(f"min_span_1h_ms must be positive, got {min_span_1h_ms}")
         self._bucket = bucket
         self._labels = Labels.from_dict(external_labels or {})
@@ -160,7 +160,8 @@ class Downsampler:
         fives = [b.meta for b in blocks if b.meta.resolution == RES_5M and b.hidden_by is None]
         for m in sorted(live_raw, key=lambda m: (m.min_time, m.ulid)):
             src = _sources(m)
-            if m.max_time - m.min_time < self._min_span_1h or src <= covered1h or not src <= covered5:
+            if (self._min_span_1h is None or m.max_time - m.min_time < self._min_span_1h or src <= covered1h
+                    or not src <= covered5):
                 continue
             inputs = [f for f in fives if _sources(f) <= src and f.min_time < m.max_time and f.max_time > m.min_time]
             meta = self._downsample_5m(m, inputs)

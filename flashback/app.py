@@ -15,6 +15,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from adapter.remote_read import RemoteReadHandler
 from adapter.remote_write import RemoteWriteHandler
 from compactor.compactor import Compactor
+from compactor.downsample import Downsampler
 from compactor.retention import RetentionKeeper, RetentionMetrics, RetentionOptions
 from flashback.config import Options
 from querier.api import QueryAPI, ServerInfo
@@ -57,10 +58,12 @@ class App:
                 dict(options.compactor.retention_ms), delete_delay_s=options.compactor.delete_delay_s),
                 metrics=RetentionMetrics(self.registry))
         if options.compactor.enabled:
+            downsampler = (Downsampler(self.bucket, min_span_1h_ms=options.compactor.min_span_1h_ms,
+                                       registry=self.registry) if options.compactor.downsampling else None)
             self.compactor = Compactor(self.db.head, self.bucket, window_ms=options.compactor.window_ms,
                                        grace_ms=options.compactor.grace_ms, levels=options.compactor.levels,
                                        on_persisted=self.db.persisted,
-                                       registry=self.registry)
+                                       registry=self.registry, downsampler=downsampler)
         router = Router()
         RemoteWriteHandler(self.db.append, max_body_bytes=options.max_body_bytes).route(router)
         RemoteReadHandler(querier, registry=self.registry).route(router)

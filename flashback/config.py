@@ -21,6 +21,7 @@ Example (every key optional; these are the defaults)::
       levels: [1, 6, 24]           # windows per block at each compaction level (28h, 7d, 28d)
       retention: {}                # per resolution, e.g. {raw: 90d, 5m: 1y}; none: keep forever
       delete_delay: 48h            # how long a block marked for deletion stays readable
+      downsampling: true           # 5m blocks of every raw block, 1h blocks of second-level (7d) ranges
     wal:
       checkpoint_interval: 5m
     remote_write:
@@ -114,6 +115,13 @@ class CompactorOptions:
     levels: tuple[int, ...] = (1, 6, 24)
     retention_ms: tuple[tuple[int, int], ...] = ()  # (resolution ms, retention ms); empty: keep forever
     delete_delay_s: float = 48 * 3600.0
+    downsampling: bool = True
+
+    @property
+    def min_span_1h_ms(self) -> int | None:
+        """Raw blocks at least this long get 1h blocks: those of the second compaction level
+        (7 days by default); None (no 1h blocks) with a single level."""
+        return self.window_ms * self.levels[1] if len(self.levels) > 1 else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +189,8 @@ def load(path: str | None, *, listen: str | None = None, data_dir: str | None = 
         except BucketConfigError as e:
             raise ConfigError(f"bucket: {e}") from None
     _unknown(head, {"chunk_range", "out_of_bounds_window", "max_ahead", "name_validation", "retention"}, "head")
-    _unknown(comp, {"enabled", "window", "grace", "interval", "levels", "retention", "delete_delay"}, "compactor")
+    _unknown(comp, {"enabled", "window", "grace", "interval", "levels", "retention", "delete_delay", "downsampling"},
+             "compactor")
     ret = comp.get("retention") or {}
     if not isinstance(ret, dict):
         raise ConfigError("compactor.retention: expected a mapping of resolution (raw, 5m, 1h) to a duration")
@@ -198,13 +207,16 @@ def load(path: str | None, *, listen: str | None = None, data_dir: str | None = 
                           "of the one before (e.g. [1, 6, 24])")
     if not isinstance(comp.get("enabled", True), bool):
         raise ConfigError("compactor.enabled: expected true or false")
+    if not isinstance(comp.get("downsampling", True), bool):
+        raise ConfigError("compactor.downsampling: expected true or false")
     compactor = CompactorOptions(
         enabled=comp.get("enabled", True),
         window_ms=parse_duration_ms(comp.get("window", "28h"), "compactor.window"),
         grace_ms=parse_duration_ms(comp.get("grace", "1h"), "compactor.grace"),
         interval_s=parse_duration_ms(comp.get("interval", "1m"), "compactor.interval") / 1000,
         levels=tuple(levels), retention_ms=retention,
-        delete_delay_s=parse_duration_ms(comp.get("delete_delay", "48h"), "compactor.delete_delay") / 1000)
+        delete_delay_s=parse_duration_ms(comp.get("delete_delay", "48h"), "compactor.delete_delay") / 1000,
+        downsampling=comp.get("downsampling", True))
     if compactor.window_ms <= 0 or compactor.interval_s <= 0:
         raise ConfigError("compactor: window and interval must be positive")
     _unknown(wal, {"checkpoint_interval"}, "wal")

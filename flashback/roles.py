@@ -204,6 +204,7 @@ def cmd_querier(args: argparse.Namespace) -> int:
 
 def cmd_compactor(args: argparse.Namespace) -> int:
     from compactor.compactor import Compactor
+    from compactor.downsample import Downsampler
     from querier.cluster import ShardedQuerier
     from store.bucket import MetricsBucket, RetryingBucket, bucket_from_config
     from store.db import encode_persisted
@@ -223,9 +224,12 @@ def cmd_compactor(args: argparse.Namespace) -> int:
         # Through the shard's log, so every replica moves its min-valid time at the same position.
         shard_log.append(encode_persisted(through_ms), msg_id=f"persisted-{through_ms}")
 
+    levels = tuple(args.levels)
+    downsampler = Downsampler(bucket, external_labels={"shard": shard.name}, registry=registry, tmp_dir=args.data_dir,
+                              min_span_1h_ms=args.window_ms * levels[1] if len(levels) > 1 else None)
     compactor = Compactor(ShardedQuerier([replicas], pool), bucket, window_ms=args.window_ms, grace_ms=args.grace_ms,
                           external_labels={"shard": shard.name}, levels=args.levels, on_persisted=persisted,
-                          registry=registry, tmp_dir=args.data_dir)
+                          registry=registry, tmp_dir=args.data_dir, downsampler=downsampler)
     compactor.start(args.interval_s)
     role = Role(f"compactor {shard.name}", args.listen, registry, Router(), lambda: True)
 

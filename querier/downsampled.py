@@ -94,9 +94,15 @@ class Segment(NamedTuple):
     readers: tuple[BlockReader, ...]
 
 
-def plan_resolutions(readers: Sequence[BlockReader], mint: int, maxt: int) -> list[Segment]:
+def plan_resolutions(readers: Sequence[BlockReader], mint: int, maxt: int,
+                     raw: Sequence[BlockReader] = ()) -> list[Segment]:
     """Cuts ``[mint, maxt]`` into segments, each answered by the coarsest resolution whose blocks
-    cover it whole, or raw (0); adjacent segments of one resolution are joined."""
+    cover it whole, or raw (0); adjacent segments of one resolution are joined.
+
+    Blocks of every set of external labels (shard) among ``readers`` and the ``raw`` blocks
+    overlapping a segment must cover it at that resolution, so a shard whose downsampling
+    lags behind is read raw rather than missed.
+    """
     if not readers:
         return []
     end = maxt + 1
@@ -109,11 +115,12 @@ def plan_resolutions(readers: Sequence[BlockReader], mint: int, maxt: int) -> li
     by_res = sorted({r.meta.resolution for r in readers}, reverse=True)
     out: list[Segment] = []
     for a, b in zip(cuts, cuts[1:]):
+        shards = {r.meta.labels for r in (*readers, *raw) if r.meta.min_time < b and r.meta.max_time > a}
         res, cover = 0, ()
         for candidate in by_res:
             c = tuple(r for r in readers if r.meta.resolution == candidate
                       and r.meta.min_time <= a and r.meta.max_time >= b)
-            if c:
+            if c and {r.meta.labels for r in c} >= shards:
                 res, cover = candidate, c
                 break
         if out and out[-1].resolution == res:

@@ -179,7 +179,8 @@ class TieredQuerier:
         max_res = max_resolution(hints, self.max_source_resolution)
         if max_res > 0 and self._blocks is not None:
             try:
-                plan = plan_resolutions(self._blocks.downsampled(mint, maxt, max_res), mint, maxt)
+                plan = plan_resolutions(self._blocks.downsampled(mint, maxt, max_res), mint, maxt,
+                                        raw=self._blocks.readers(mint, maxt))
             except BucketError as e:
                 self._failed("listing the bucket", e)
                 plan = []

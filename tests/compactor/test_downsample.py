@@ -322,3 +322,23 @@ def test_retention_per_resolution_keeps_5m_after_raw_expires(bucket):
     assert marked == {0}
     keeper.run(3 * DAY + 1000)
     assert live(bucket, 0) == [] and len(live(bucket, RES_5M)) == 4 and len(live(bucket, RES_1H)) == 1
+
+
+def test_config_downsampling_switch_and_1h_span(tmp_path):
+    from flashback.config import ConfigError, load
+
+    path = tmp_path / "c.yaml"
+    assert load(None).compactor.downsampling is True
+    assert load(None).compactor.min_span_1h_ms == 7 * DAY  # the second level: 6 windows of 28 h
+    path.write_text("compactor: {downsampling: false, levels: [1]}\n")
+    opts = load(str(path)).compactor
+    assert opts.downsampling is False and opts.min_span_1h_ms is None
+    path.write_text("compactor: {downsampling: maybe}\n")
+    with pytest.raises(ConfigError, match="downsampling"):
+        load(str(path))
+
+
+def test_without_1h_span_only_5m_blocks_are_made(bucket):
+    clock = Clock(2 * DAY)
+    run(bucket, make_head(dataset(0, DAY)), clock, downsampler=Downsampler(bucket, min_span_1h_ms=None, now=clock))
+    assert len(live(bucket, RES_5M)) == 4 and live(bucket, RES_1H) == []

@@ -222,3 +222,20 @@ def test_corrupt_downsampled_block_is_a_partial_response_warning(tiers, tmp_path
     with pytest.raises(Exception, match=five.ulid):
         Engine().range(q, "avg_over_time(temperature[1h])", 2 * HOUR, END - 1, STEP)
     assert res.data
+
+
+def test_a_shard_without_downsampled_blocks_is_read_raw(tmp_path):
+    """Two shards' blocks in one bucket; only shard a is downsampled: its 5m blocks must not
+    stand for shard b's raw data."""
+    bucket = FilesystemBucket(tmp_path / "bkt")
+    clock = Clock(2 * DAY)
+    for shard, seed in (("a", 1), ("b", 2)):
+        head = make_head(dataset(0, DAY, seed=seed))
+        ds = Downsampler(bucket, external_labels={"shard": shard}, min_span_1h_ms=DAY, now=clock) if shard == "a" else None
+        Compactor(head, bucket, window_ms=WINDOW, grace_ms=60_000, levels=(1,), now=clock,
+                  external_labels={"shard": shard}, downsampler=ds).run_once()
+    blocks = BucketBlocks(bucket)
+    plan = plan_resolutions(blocks.downsampled(0, DAY, RES_5M), 0, DAY - 1, raw=blocks.readers(0, DAY - 1))
+    assert [s.resolution for s in plan] == [0]
+    only_a = plan_resolutions(blocks.downsampled(0, DAY, RES_5M), 0, DAY - 1)
+    assert [s.resolution for s in only_a] == [RES_5M]
