@@ -23,7 +23,8 @@ import yaml
 
 from compactor.bucketcli import parse_duration
 from store import ulid as ulids
-from store.block import write_block
+from store.aggregates import downsample_raw
+from store.block import write_aggregate_block, write_block
 from store.bucket import Bucket, FilesystemBucket, bucket_from_config
 from store.catalog import DELETION_MARK_FILE, mark_for_deletion, read_deletion_mark
 from store.labels import Labels
@@ -48,8 +49,12 @@ def block(bucket: Bucket, mint: int, maxt: int, *, n: int = 0, level: int = 1, s
             out.append((Labels.from_dict({"__name__": metric, "instance": f"host{i}:9100", "job": "node"}),
                         ts, np.full(len(ts), float(i))))
     out.sort(key=lambda s: s[0])
+    if resolution:  # a downsampled block (format version 2) of the same samples
+        aggs = [(ls, downsample_raw(ts, vs, resolution)) for ls, ts, vs in out]
+        return write_aggregate_block(bucket, aggs, resolution=resolution, min_time=mint, max_time=maxt, level=level,
+                                     sources=sources, ulid=uid(maxt, n), external_labels={"shard": "0"})
     return write_block(bucket, out, min_time=mint, max_time=maxt, level=level, sources=sources,
-                       resolution=resolution, ulid=uid(maxt, n), external_labels={"shard": "0"})
+                       ulid=uid(maxt, n), external_labels={"shard": "0"})
 
 
 def flashback(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

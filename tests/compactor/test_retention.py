@@ -20,7 +20,8 @@ from compactor.retention import (
     RetentionMetrics, RetentionOptions, apply_retention, format_duration, rfc3339,
 )
 from store import ulid as ulids
-from store.block import write_block
+from store.aggregates import downsample_raw
+from store.block import write_aggregate_block, write_block
 from store.bucket import Bucket, FilesystemBucket
 from store.catalog import DELETION_MARK_FILE, BlockCatalog, mark_for_deletion, read_deletion_mark
 from store.errors import BucketError, BucketUnavailable
@@ -39,7 +40,11 @@ def uid(ms: int, n: int = 0) -> str:
 def block(bucket: Bucket, mint: int, maxt: int, *, n: int = 0, resolution: int = 0, level: int = 1, sources=()):
     ts = np.arange(mint, maxt, 600_000, dtype=np.int64)
     s = [(Labels.from_dict({"__name__": "up", "job": "x"}), ts, np.ones(len(ts)))]
-    return write_block(bucket, s, min_time=mint, max_time=maxt, resolution=resolution, level=level,
+    if resolution:  # a downsampled block (format version 2) of the same samples
+        aggs = [(ls, downsample_raw(t, v, resolution)) for ls, t, v in s]
+        return write_aggregate_block(bucket, aggs, resolution=resolution, min_time=mint, max_time=maxt, level=level,
+                                     sources=sources, ulid=uid(maxt, n * 16 + resolution // 300_000))
+    return write_block(bucket, s, min_time=mint, max_time=maxt, level=level,
                        sources=sources, ulid=uid(maxt, n * 16 + resolution // 300_000))
 
 

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from store import ulid as ulids
-from store.block import META_FILE, BlockMeta, write_block
+from store.aggregates import downsample_raw
+from store.block import META_FILE, BlockMeta, write_aggregate_block, write_block
 from store.bucket import Bucket, FilesystemBucket, ObjectAttributes
 from store.catalog import (
     DELETION_MARK_FILE, BlockCatalog, DeletionMark, delete_block, mark_for_deletion, read_deletion_mark,
@@ -47,8 +48,12 @@ def series(mint: int, maxt: int, n: int = 2) -> list:
 
 def block(bucket: Bucket, mint: int, maxt: int, *, n: int = 0, level: int = 1, sources=(), resolution: int = 0,
           ulid: str | None = None) -> BlockMeta:
+    if resolution:  # a downsampled block (format version 2) of the same samples
+        aggs = [(ls, downsample_raw(ts, vs, resolution)) for ls, ts, vs in series(mint, maxt)]
+        return write_aggregate_block(bucket, aggs, resolution=resolution, min_time=mint, max_time=maxt,
+                                     level=level, sources=sources, ulid=ulid or uid(maxt, n))
     return write_block(bucket, series(mint, maxt), min_time=mint, max_time=maxt, level=level, sources=sources,
-                       resolution=resolution, ulid=ulid or uid(maxt, n))
+                       ulid=ulid or uid(maxt, n))
 
 
 class RecordingBucket:
@@ -276,7 +281,7 @@ def test_refresh_sorts_directories_into_complete_unreadable_and_partial(fs):
     corrupt = uid(T0, 8)
     fs.upload(f"{corrupt}/meta.json", b"{not json")
     future = uid(T0, 9)
-    fs.upload(f"{future}/meta.json", json.dumps({"format": "flashback-block", "version": 2}).encode())
+    fs.upload(f"{future}/meta.json", json.dumps({"format": "flashback-block", "version": 3}).encode())
     thanos = uid(T0, 10)
     fs.upload(f"{thanos}/meta.json", json.dumps({"ulid": thanos, "version": 1}).encode())
     wrong = uid(T0, 11)
