@@ -314,7 +314,9 @@ def cmd_inspect(bucket: Bucket, args: argparse.Namespace, out: TextIO) -> int:
         ("minTime", str(m.min_time)),
         ("maxTime", str(m.max_time)),
         ("series", str(m.num_series)),
-        ("samples", str(m.num_samples)),
+        ("samples", str(m.num_samples)) if not m.resolution else
+        ("aggregates", f"{m.num_samples} rows: count, sum, min, max, counter per series and "
+                       f"{format_resolution(m.resolution)} interval"),
         ("resolution", f"{format_resolution(m.resolution)} ({m.resolution} ms)"),
         ("level", str(m.level)),
         ("sources", ", ".join("itself" if s == m.ulid else s for s in m.sources) or "-"),
@@ -416,8 +418,9 @@ def cmd_verify(bucket: Bucket, args: argparse.Namespace, out: TextIO) -> int:
             print(f"FAIL     {b.ulid}  data ok, but {b.mark_error}", file=out)
             continue
         ok += 1
-        print(f"ok       {b.ulid}  {meta.num_series} series, {meta.num_samples} samples, "
-              f"{format_bytes(_size(meta))}", file=out)
+        what = (f"{meta.num_samples} samples" if not meta.resolution else
+                f"{meta.num_samples} {format_resolution(meta.resolution)} aggregate rows")
+        print(f"ok       {b.ulid}  {meta.num_series} series, {what}, {format_bytes(_size(meta))}", file=out)
     for u, err in sorted(catalog.errors.items()):
         if wanted and u not in wanted:
             continue

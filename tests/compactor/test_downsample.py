@@ -342,3 +342,34 @@ def test_without_1h_span_only_5m_blocks_are_made(bucket):
     clock = Clock(2 * DAY)
     run(bucket, make_head(dataset(0, DAY)), clock, downsampler=Downsampler(bucket, min_span_1h_ms=None, now=clock))
     assert len(live(bucket, RES_5M)) == 4 and live(bucket, RES_1H) == []
+
+
+def test_bucket_inspect_and_verify_understand_downsampled_blocks(tmp_path):
+    import argparse
+    import io as _io
+
+    from compactor import bucketcli
+
+    data_dir = tmp_path / "data"
+    bucket = FilesystemBucket(data_dir / "bucket")
+    run(bucket, make_head(dataset(0, DAY)), Clock(2 * DAY))
+    (hour,) = live(bucket, RES_1H)
+    parser = argparse.ArgumentParser()
+    bucketcli.configure_parser(parser)
+
+    def cli(*argv):
+        out = _io.StringIO()
+        code = bucketcli.run(parser.parse_args([*argv, "--data-dir", str(data_dir)]), out)
+        return code, out.getvalue()
+
+    code, out = cli("verify")
+    assert code == 0 and "FAIL" not in out and out.count(" 5m aggregate rows") == 4, out
+    assert f"{hour.ulid}  4 series, {hour.num_samples} 1h aggregate rows" in out
+    code, out = cli("inspect", hour.ulid)
+    assert code == 0 and "count, sum, min, max, counter per series and 1h interval" in out
+    assert "flashback-block version 2" in out and "label cardinality: 4 series" in out
+    # A corrupt downsampled block fails verify.
+    name = f"{hour.ulid}/{DATA_FILE}"
+    bucket.upload(name, bucket.get(name)[:-10])
+    code, out = cli("verify")
+    assert code != 0 and f"FAIL     {hour.ulid}" in out
