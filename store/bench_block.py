@@ -5,7 +5,9 @@ counters, gauges, byte gauges and constants scraped every 15 s with per-target
 phase and ±5 ms jitter), writes it as one block to a filesystem bucket and
 prints bytes per sample (data file, index, total; and pyarrow's default Parquet
 settings on the same rows for comparison), write and verify throughput, and what
-a cold and a warm single-series ``select`` fetch (range GETs and bytes).
+a cold and a warm single-series ``select`` fetch (range GETs and bytes). Then
+downsamples the same data to 5m and 1h blocks (format version 2) and prints their
+size per raw sample and against the raw block (``--no-downsample`` skips it).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from store.block import DATA_FILE, INDEX_FILE, BlockReader, verify_block, write_block
+from store.aggregates import downsample_raw
+from store.block import DATA_FILE, INDEX_FILE, BlockReader, verify_block, write_aggregate_block, write_block
 from store.bucket import FilesystemBucket
 from store.labels import Labels
 from store.matchers import Matcher, MatchType
@@ -84,6 +87,7 @@ def main() -> None:
     parser.add_argument("--compression-level", type=int, default=None)
     parser.add_argument("--rwload", default=DEFAULT_RWLOAD, help="path of the shared bench's rwload.py")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--no-downsample", action="store_true", help="skip the 5m and 1h blocks")
     args = parser.parse_args()
 
     rw = load_rwload(args.rwload)
@@ -149,6 +153,30 @@ def main() -> None:
         got = reader.select([Matcher(MatchType.EQ, "__name__", "node_cpu_seconds_total")], mint, mint + 3_600_000)
         dt = time.perf_counter() - t0
         print(f"node_cpu_seconds_total over the first hour: {len(got)} series, {bucket.calls} GETs, "
+              f"{bucket.bytes / 1e6:.2f} MB, {dt * 1e3:.0f} ms")
+        if not args.no_downsample:
+            downsample(bucket, series, n, mint, maxt, data + index, kw)
+
+
+def downsample(bucket: CountingBucket, series, n: int, mint: int, maxt: int, raw_bytes: int, kw: dict) -> None:
+    """5m and 1h blocks of ``series``: size per raw sample, against raw, and read cost."""
+    for res, name in ((300_000, "5m"), (3_600_000, "1h")):
+        t0 = time.perf_counter()
+        aggs = [(lb, downsample_raw(t, v, res)) for lb, t, v in series]
+        dt_agg = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        meta = write_aggregate_block(bucket, aggs, resolution=res, min_time=mint, max_time=maxt, **kw)
+        dt = time.perf_counter() - t0
+        size = sum(f.size_bytes for f in meta.files)
+        print(f"{name}: {meta.num_samples} aggregate rows ({n / meta.num_samples:.1f} raw samples each), "
+              f"{size / 1e6:.2f} MB = {size / n:.4f} bytes per raw sample, {size / meta.num_samples:.2f} bytes "
+              f"per row, {raw_bytes / size:.1f}x smaller than raw; aggregate {dt_agg:.1f} s, write {dt:.1f} s")
+        reader = BlockReader(bucket, meta.ulid)
+        bucket.calls = bucket.bytes = 0
+        t0 = time.perf_counter()
+        got = reader.select([Matcher(MatchType.EQ, "__name__", "node_cpu_seconds_total")], mint, maxt)
+        dt = time.perf_counter() - t0
+        print(f"{name}: node_cpu_seconds_total over the whole block, cold: {len(got)} series, {bucket.calls} GETs, "
               f"{bucket.bytes / 1e6:.2f} MB, {dt * 1e3:.0f} ms")
 
 
