@@ -1,4 +1,4 @@
-"""Blocks: immutable, columnar files of one time range in a bucket (format version 1).
+"""Blocks: immutable, columnar files of one time range in a bucket (format versions 1 and 2).
 
 A block is the long-term form of a closed window of the head: under ``<ULID>/`` in
 a bucket, a Parquet data file of samples, a Parquet index of the series, and
@@ -24,6 +24,11 @@ selected series in the selected time range, by coalesced range GETs. Every byte
 it uses is checked: the index against ``meta.json``'s SHA-256, the data footer
 against a SHA-256 in the index, data pages by their CRC32. ``verify_block``
 checks everything, for ``flashback bucket verify`` and the compactor.
+
+Version 2 blocks hold downsampled data (resolution > 0): per series and interval
+the ``count``, ``sum``, ``min``, ``max`` and ``counter`` aggregates
+(``Aggregates``), written by ``write_aggregate_block`` and selected as
+``AggregateSeries``; the index adds each series' first and last raw value.
 """
 
 from __future__ import annotations
