@@ -23,6 +23,17 @@ Lifecycle:
    bucket ``flashback-checkpoints`` and purges the stream below the lowest checkpoint of
    the shard's replicas once every one of them has recorded one.
 
+Head retention, deterministically: a compactor's *persisted* record (``store.db``) moves the
+head's minimum valid time at its log position. Like the single node's
+``DB.truncate_expired``, a replica then drops persisted data once it is older than
+``retention_ms`` -- but with the clock of the log instead of its own: after applying any
+record, ``before = min(persisted_through, writer's clock of the newest write record -
+retention_ms)``, rounded down to the head's chunk range, and whenever that passes the last
+truncation the head is truncated there and a checkpoint is taken soon after. Every replica
+sees the same records in the same order, so they truncate at the same log position and stay
+identical; the three values involved are saved with each checkpoint, so a restarted replica
+continues exactly where its peers are.
+
 Checkpoint contents and the KV entries are documented in ``store/docs/format/replica.md``.
 """
 
@@ -36,6 +47,7 @@ import re
 import struct
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import cramjam
@@ -44,7 +56,7 @@ from nats.js import api
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from store import writerequest
-from store.db import decode_record, persisted_through
+from store.db import DBOptions, decode_record, persisted_through
 from store.errors import CheckpointMismatch, DecodeError, LogTruncated, LogUnavailable, UnsupportedVersion, WALError
 from store.head import Head, HeadOptions
 from store.natslog import _STREAM_NAME_IN_USE, NatsConsumer, StreamState, _Client, default_subject
@@ -54,7 +66,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_BUCKET = "flashback-checkpoints"
 META_KEY = b"r"  # the replica's item in a checkpoint, beside the head's items
-META_VERSION = 1
+META_VERSION = 2  # 1: stream and replica names only
+INT64_MIN = -(2**63)
 MARK_VERSION = 1
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -70,27 +83,51 @@ def mark_key(stream: str, replica: str) -> str:
     return f"{stream}.{replica}"
 
 
-def encode_meta(stream: str, replica: str) -> bytes:
-    s, r = stream.encode(), replica.encode()
-    return struct.pack("<BH", META_VERSION, len(s)) + s + struct.pack("<H", len(r)) + r
+@dataclass(frozen=True, slots=True)
+class ReplicaMeta:
+    """The replica's own item of a checkpoint (``store/docs/format/replica.md``).
+
+    ``persisted_through_ms``: the head's minimum valid time (the newest persisted watermark
+    applied); ``clock_ms``: the writer's clock of the newest write record applied;
+    ``truncated_before_ms``: where the head was last truncated. All three are the minimum
+    int64 when unknown (version 1 items, or nothing applied yet).
+    """
+
+    stream: str
+    replica: str
+    persisted_through_ms: int = INT64_MIN
+    clock_ms: int = INT64_MIN
+    truncated_before_ms: int = INT64_MIN
 
 
-def decode_meta(value: bytes) -> tuple[str, str]:
-    """(stream, replica) of a checkpoint's meta item."""
+def encode_meta(meta: ReplicaMeta) -> bytes:
+    s, r = meta.stream.encode(), meta.replica.encode()
+    return (struct.pack("<BH", META_VERSION, len(s)) + s + struct.pack("<H", len(r)) + r
+            + struct.pack("<qqq", meta.persisted_through_ms, meta.clock_ms, meta.truncated_before_ms))
+
+
+def decode_meta(value: bytes) -> ReplicaMeta:
+    """The replica item of a checkpoint, version 1 or 2."""
     try:
-        if value[0] != META_VERSION:
-            raise UnsupportedVersion(f"replica checkpoint meta version {value[0]} (this reader knows {META_VERSION})")
+        if value[0] not in (1, META_VERSION):
+            raise UnsupportedVersion(f"replica checkpoint meta version {value[0]} (this reader knows 1 and "
+                                     f"{META_VERSION})")
         (n,) = struct.unpack_from("<H", value, 1)
         stream = value[3:3 + n].decode()
         (m,) = struct.unpack_from("<H", value, 3 + n)
         replica = value[5 + n:5 + n + m].decode()
-        if 5 + n + m != len(value):
-            raise ValueError(f"{len(value) - 5 - n - m} trailing bytes")
+        p = 5 + n + m
+        times: tuple[int, ...] = ()
+        if value[0] >= 2:
+            times = struct.unpack_from("<qqq", value, p)
+            p += 24
+        if p != len(value):
+            raise ValueError(f"{len(value) - p} trailing bytes" if p < len(value) else "truncated")
     except (IndexError, struct.error, UnicodeDecodeError, ValueError) as e:
         if isinstance(e, UnsupportedVersion):
             raise
         raise DecodeError(f"replica checkpoint meta item of {len(value)} bytes: {e}") from e
-    return stream, replica
+    return ReplicaMeta(stream, replica, *times)
 
 
 def encode_mark(seq: int, time_ms: int) -> bytes:
@@ -191,6 +228,8 @@ class _Metrics:
                                     "saved checkpoint.", registry=registry)
         self.checkpoint_failures = Counter("flashback_replica_checkpoint_failures_total", "Checkpoints that could "
                                            "not be saved.", registry=registry)
+        self.truncations = Counter("flashback_replica_head_truncations_total", "Times the head dropped persisted "
+                                   "data older than the retention (by the log's clock).", registry=registry)
         self.purged_below = Gauge("flashback_replica_purged_below_sequence", "The stream was last purged by this "
                                   "replica below this sequence (the lowest checkpoint of the shard's replicas "
                                   "+ 1).", registry=registry)
@@ -214,6 +253,8 @@ class HeadReplica:
         replica_name: this replica's name in the topology (letters, digits, ``-``, ``_``).
         data_dir: the replica's own directory; the checkpoint database is ``data_dir/checkpoint``.
         head_options: options of the head; must be the same on every replica of the shard.
+        retention_ms: persisted data stays in the head until it is this old by the log's clock
+            (see the module docstring); must be the same on every replica of the shard.
         peers: names of every replica of the shard (this one is added if missing). The stream
             is purged below the lowest of their recorded checkpoints + 1 once all recorded
             one; without peers this replica records its checkpoints but never purges.
@@ -237,21 +278,28 @@ class HeadReplica:
     """
 
     def __init__(self, servers: list[str], stream: str, replica_name: str, data_dir: str, *,
-                 head_options: HeadOptions = HeadOptions(), peers: Sequence[str] = (), stream_replicas: int = 3,
+                 head_options: HeadOptions = HeadOptions(), retention_ms: int = DBOptions().retention_ms,
+                 peers: Sequence[str] = (), stream_replicas: int = 3,
                  checkpoint_interval_s: float = 60, poll_interval_s: float = 0.5, fetch_batch: int = 64,
                  timeout_s: float = 10.0, stall_timeout_s: float = 30.0, checkpoint_bucket: str = CHECKPOINT_BUCKET,
                  registry: CollectorRegistry | None = None, now: Callable[[], float] = time.time) -> None:
         for what, name in (("stream", stream), ("replica", replica_name), *(("peer", p) for p in peers)):
             if not _NAME.match(name):
                 raise ValueError(f"{what} name {name!r}: letters, digits, '-' and '_' only (1-64)")
-        if min(checkpoint_interval_s, poll_interval_s, fetch_batch, timeout_s, stall_timeout_s) <= 0:
-            raise ValueError("checkpoint_interval_s, poll_interval_s, fetch_batch, timeout_s and stall_timeout_s "
-                             "must be positive")
+        if min(checkpoint_interval_s, poll_interval_s, fetch_batch, timeout_s, stall_timeout_s, retention_ms) <= 0:
+            raise ValueError("checkpoint_interval_s, poll_interval_s, fetch_batch, timeout_s, stall_timeout_s and "
+                             "retention_ms must be positive")
         self.stream = stream
         self.name = replica_name
         self.data_dir = data_dir
         self.peers = tuple(sorted(set(peers) | {replica_name})) if peers else ()
         self.head_options = head_options
+        self.retention_ms = retention_ms
+        # The log's clock and the last truncation (see the module docstring), changed with the head.
+        self._clock_ms = INT64_MIN
+        self._truncated_before = INT64_MIN
+        self._checkpoint_due = threading.Event()  # a truncation asks the checkpoint thread for one now
+        self._meta: ReplicaMeta | None = None  # the replica item of the loaded checkpoint
         self._checkpoint_bucket = checkpoint_bucket
         self._servers = list(servers)
         self._stream_replicas = stream_replicas
@@ -295,6 +343,10 @@ class HeadReplica:
         seq, items = self._store.load_checkpoint()
         self._head = Head(self.head_options, registry=registry)
         self._head.load_checkpoint(self._head_items(seq, items))
+        meta = self._meta
+        if meta is not None:
+            self._head.set_min_valid_time(meta.persisted_through_ms)
+            self._clock_ms, self._truncated_before = meta.clock_ms, meta.truncated_before_ms
         self._applied = self._checkpointed = seq
         restore_s = time.monotonic() - start
         self._m.restore.set(restore_s)
@@ -320,15 +372,17 @@ class HeadReplica:
                                             "stream_last_seq": state.last_seq})
 
     def _head_items(self, seq: int, items: Iterable[tuple[bytes, bytes]]) -> Iterator[tuple[bytes, bytes]]:
-        """The head's items of a checkpoint, after checking its meta item names this stream."""
+        """The head's items of a checkpoint, after checking its meta item names this stream; the
+        meta item goes to ``self._meta``."""
         seen_meta = False
         for key, value in items:
             if key == META_KEY:
-                stream, replica = decode_meta(value)
-                if stream != self.stream:
-                    raise CheckpointMismatch(f"checkpoint in {self.data_dir} (sequence {seq}, replica {replica}) is "
-                                             f"of stream {stream}, not {self.stream}")
+                meta = decode_meta(value)
+                if meta.stream != self.stream:
+                    raise CheckpointMismatch(f"checkpoint in {self.data_dir} (sequence {seq}, replica {meta.replica}) "
+                                             f"is of stream {meta.stream}, not {self.stream}")
                 seen_meta = True
+                self._meta = meta
                 continue
             if not seen_meta and seq > 0 and key > META_KEY:
                 raise CheckpointMismatch(f"checkpoint in {self.data_dir} (sequence {seq}) is not a head replica's: "
@@ -443,6 +497,7 @@ class HeadReplica:
         if through is not None:  # a compactor's watermark: at the same log position on every replica
             with self._apply_lock:
                 self._head.set_min_valid_time(through)
+                self._truncate_expired(seq)
                 self._applied = seq
             self._m.records.inc()
             self._m.applied_seq.set(seq)
@@ -460,11 +515,34 @@ class HeadReplica:
         with self._apply_lock:
             if req is not None:
                 self._head.append(req, now_ms)
+                if now_ms > self._clock_ms:
+                    self._clock_ms = now_ms
+                    self._truncate_expired(seq)
             self._applied = seq
         if req is not None:
             self._m.samples.inc(req.num_samples)
         self._m.records.inc()
         self._m.applied_seq.set(seq)
+
+    def _truncate_expired(self, seq: int) -> None:
+        """Drops persisted data older than the retention by the log's clock, at chunk-range
+        boundaries (as ``DB.truncate_expired``); called under the apply lock after record ``seq``,
+        so every replica does it at the same record."""
+        if self._clock_ms == INT64_MIN:
+            return
+        before = min(self._head.min_valid_time, self._clock_ms - self.retention_ms)
+        rng = self.head_options.chunk_range_ms
+        before = before // rng * rng
+        if before <= self._truncated_before:
+            return
+        start = time.monotonic()
+        removed = self._head.truncate(before)
+        self._truncated_before = before
+        self._m.truncations.inc()
+        self._checkpoint_due.set()
+        log.info("head truncated", extra={"stream": self.stream, "replica": self.name, "seq": seq,
+                                          "before_ms": before, "series_removed": removed,
+                                          "seconds": round(time.monotonic() - start, 3)})
 
     def _fail(self, e: BaseException) -> None:
         log.error("replica stopped applying", extra={"stream": self.stream, "replica": self.name,
@@ -513,9 +591,13 @@ class HeadReplica:
     # --- checkpoints and purging -------------------------------------------------------------
 
     def _checkpoint_loop(self) -> None:
-        while not self._stop.wait(self._checkpoint_interval_s):
+        while True:
+            due = self._checkpoint_due.wait(self._checkpoint_interval_s)
+            if self._stop.is_set():
+                return
+            self._checkpoint_due.clear()
             try:
-                self.checkpoint()
+                self.checkpoint(force=due)
             except Exception:
                 log.exception("replica checkpoint", extra={"stream": self.stream, "replica": self.name})
 
@@ -535,12 +617,13 @@ class HeadReplica:
             with self._apply_lock:
                 seq = self._applied
                 items = self._head.checkpoint_items()
+                meta = ReplicaMeta(self.stream, self.name, self._head.min_valid_time, self._clock_ms,
+                                   self._truncated_before)
             if seq == self._checkpointed and not force:
                 return seq
             start = time.monotonic()
             try:
-                self._store.save_checkpoint(seq, itertools.chain([(META_KEY, encode_meta(self.stream, self.name))],
-                                                                 items))
+                self._store.save_checkpoint(seq, itertools.chain([(META_KEY, encode_meta(meta))], items))
             except BaseException:
                 self._m.checkpoint_failures.inc()
                 raise
@@ -673,6 +756,7 @@ class HeadReplica:
         self._closed = True
         self._stop.set()
         self._wake.set()
+        self._checkpoint_due.set()
         for t in self._threads:
             t.join(self._timeout_s + 5)
             if t.is_alive():

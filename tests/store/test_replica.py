@@ -475,3 +475,81 @@ def test_stream_leader_killed_while_applying(cluster, stream, tmp_path):
         lg.close()
     print(f"\nstream leader killed: the replicas applied {after_kill} records published after the "
           f"kill {applying_s:.2f}s after it")
+
+
+HOUR = 3600_000
+
+
+def write_at(clock_ms: int, series: dict[str, list[int]]) -> bytes:
+    """A write record with the writer's clock ``clock_ms``: for each name, samples at the given times."""
+    body = writerequest.encode([([("__name__", name)], [(t, 1.0) for t in ts]) for name, ts in series.items()])
+    return encode_record(clock_ms, bytes(cramjam.snappy.compress_raw(body)))
+
+
+def times(head: Head, name: str) -> list[int]:
+    return [int(t) for s in head.select([Matcher(MatchType.EQ, "__name__", name)], MIN, MAX) for t in s.samples()[0]]
+
+
+def test_persisted_data_is_truncated_after_retention_at_the_same_record_on_every_replica(cluster, nlog, stream,
+                                                                                         tmp_path):
+    from store.db import encode_persisted
+    from store.head import HeadOptions
+
+    opts = HeadOptions(chunk_range_ms=HOUR, out_of_bounds_window_ms=2**62, max_ahead_ms=2**62)
+    kw = dict(head_options=opts, retention_ms=5 * HOUR)
+    # Samples every 10 min from 0 h to 10 h (chunks cut at every hour), one sample of "old" at 1 h.
+    first = [write_at(10 * HOUR, {"m": list(range(0, 10 * HOUR + 1, 600_000)), "old": [HOUR]}),
+             # The compactor persisted everything before 6 h: before = min(6 h, 10 h - 5 h) = 5 h.
+             encode_persisted(6 * HOUR)]
+    rest = [write_at(10 * HOUR + 1, {"m": [10 * HOUR + 600_000]}),
+            # The writer's clock passes 11 h: before = min(6 h, 12 h - 5 h) = 6 h. "m2" at 5 h is
+            # older than the persisted watermark: rejected by every replica, the restarted one too.
+            write_at(12 * HOUR, {"m": [10 * HOUR + 1_200_000], "m2": [5 * HOUR, 11 * HOUR]})]
+    seqs = [nlog.append(rec) for rec in first]
+    names = ["r0", "r1", "r2"]
+    registries = [CollectorRegistry() for _ in names]
+    reps = [replica(cluster, stream, n, tmp_path, registry=reg, **kw) for n, reg in zip(names, registries)]
+    try:
+        wait_applied(reps, seqs[-1])
+        for r in reps:
+            assert min(times(r.head, "m")) == 5 * HOUR and times(r.head, "old") == []
+        # The truncation asked for a checkpoint (the periodic ones are an hour apart here).
+        wait_for(lambda: all(r.checkpoint_seq == seqs[-1] for r in reps), 30, "checkpoints after the truncation")
+        reps[2].close(checkpoint=False)  # a crash: it restarts from that checkpoint, the watermark in it
+        seqs += [nlog.append(rec) for rec in rest]
+        wait_applied(reps[:2], seqs[-1])
+        registries[2] = CollectorRegistry()
+        reps[2] = replica(cluster, stream, "r2", tmp_path, registry=registries[2], **kw)
+        assert reps[2].checkpoint_seq == seqs[1] and reps[2].head.min_valid_time == 6 * HOUR
+        wait_applied(reps, seqs[-1])
+        for r in reps:
+            assert min(times(r.head, "m")) == 6 * HOUR and max(times(r.head, "m")) == 10 * HOUR + 1_200_000
+            assert times(r.head, "m2") == [11 * HOUR]
+        assert dump(reps[0].head) == dump(reps[1].head) == dump(reps[2].head)
+        assert [metric(reg, "flashback_replica_head_truncations_total") for reg in registries] == [2, 2, 1]
+        wait_for(lambda: all(r.checkpoint_seq == seqs[-1] for r in reps), 30, "checkpoints after the truncation")
+    finally:
+        for r in reps:
+            r.close(checkpoint=False)
+    # The forced checkpoint holds the truncated head: a restart replays nothing and holds the same.
+    r = replica(cluster, stream, "r0", tmp_path, **kw)
+    try:
+        assert r.checkpoint_seq == seqs[-1] and r.wait_ready(60)
+        assert min(times(r.head, "m")) == 6 * HOUR and times(r.head, "old") == []
+    finally:
+        r.close()
+
+
+def test_replica_meta_item_versions():
+    from store.replica import ReplicaMeta, decode_meta, encode_meta
+
+    meta = ReplicaMeta("s", "r1", 6 * HOUR, 12 * HOUR, 5 * HOUR)
+    assert decode_meta(encode_meta(meta)) == meta
+    v1 = bytes([1]) + (1).to_bytes(2, "little") + b"s" + (2).to_bytes(2, "little") + b"r1"
+    assert decode_meta(v1) == ReplicaMeta("s", "r1")  # version 1: the times are unknown
+    with pytest.raises(UnsupportedVersion):
+        decode_meta(bytes([3]) + v1[1:])
+    from store.errors import DecodeError
+    for bad in (encode_meta(meta)[:-1], encode_meta(meta) + b"x", v1[:4]):
+        with pytest.raises(DecodeError):
+            decode_meta(bad)
