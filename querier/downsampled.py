@@ -6,9 +6,11 @@ Resolution choice (Thanos' ``max_source_resolution`` and auto-downsampling):
   = ``raw`` (or ``0s``), ``5m``, ``1h`` or ``auto`` (default). ``auto`` is a
   fifth of the evaluation step (Thanos' rule: at least five raw samples'
   worth of step per downsampled point), and raw for instant queries.
-* A selector is never answered coarser than half its range (``rate(x[10m])``
-  at most 5m), so every window holds at least two points; a plain selector
-  (no range) at most 5m, the default lookback.
+* A range selector is never answered coarser than its range, so every window
+  covers at least one whole interval (for ``rate`` two points: its first and
+  last sample), and coarser than half its range for functions read from
+  interval averages (below); a plain selector (no range) at most 5m, the
+  default lookback.
 * Per time range the coarsest live downsampled block at or below that
   resolution answers; ranges no such block covers read raw data (head and raw
   blocks) as before. A query without downsampled blocks takes the raw path
@@ -19,8 +21,9 @@ What a downsampled selection returns depends on the function applied to it
 to raw ones (tolerances in ``store/docs/format/block.md``):
 
 * ``rate``, ``increase``, ``irate``: the counter aggregate, one reset-adjusted
-  counter continued across blocks and raw ranges (``store.aggregates``), with
-  each block's first raw sample as an extra point (Thanos' counter series).
+  counter continued across blocks and raw ranges (``store.aggregates``), at
+  each interval's first and last sample (two points per interval: a rate over a
+  window of one interval works, where Thanos' one point per interval does not).
   Raw ranges and finer blocks in the same selection are aggregated on the fly
   to the selection's coarsest resolution, so points are evenly spaced.
 * ``max_over_time``/``min_over_time``/``sum_over_time``: the max/min/sum
@@ -54,6 +57,8 @@ NAMES = {0: "raw", RES_5M: "5m", RES_1H: "1h"}
 PLAIN_MAX_RESOLUTION = RES_5M
 COUNTER_FUNCS = frozenset(("rate", "increase", "irate"))
 WEIGHTED_FUNCS = frozenset(("count_over_time", "avg_over_time"))
+# Functions answered exactly (or, for counters, from two points) by a window of one whole interval.
+WHOLE_INTERVAL_FUNCS = COUNTER_FUNCS | WEIGHTED_FUNCS | {"max_over_time", "min_over_time", "sum_over_time"}
 _STALE_NAN = np.array([0x7FF0000000000002], dtype=np.uint64).view(np.float64)[0]
 
 
@@ -82,7 +87,9 @@ def max_resolution(hints: SelectHints | None, requested: int | None) -> int:
     res = (hints.step // 5 if hints.step > 0 else 0) if requested is None else requested
     if res <= 0:
         return 0
-    return min(res, hints.range // 2 if hints.range > 0 else PLAIN_MAX_RESOLUTION)
+    if hints.range <= 0:
+        return min(res, PLAIN_MAX_RESOLUTION)
+    return min(res, hints.range if hints.func in WHOLE_INTERVAL_FUNCS else hints.range // 2)
 
 
 class Segment(NamedTuple):
@@ -229,12 +236,19 @@ def _counter_view(labels: Labels, pieces: list[Piece], mint: int, maxt: int) -> 
     aggs = trim_overlaps(aggs)
     ts_parts, v_parts = [], []
     for a, off in zip(aggs, counter_offsets(aggs)):
-        if mint <= a.first_t < int(a.t[0]):
-            # The block's first raw sample, so the increase inside its first interval is counted.
-            ts_parts.append(np.array([a.first_t], dtype=np.int64))
-            v_parts.append(np.array([a.first_v + off]))
-        ts_parts.append(a.t)
-        v_parts.append(a.counter + off if off else a.counter)
+        # Two points per interval, at its first and its last sample (one if they are the same),
+        # so a window of one interval still has two points for rate().
+        st, sc = a.starts()
+        both = st != a.t
+        n = len(a.t) + int(both.sum())
+        t = np.empty(n, dtype=np.int64)
+        v = np.empty(n)
+        last = np.arange(len(a.t)) + np.cumsum(both)
+        t[last], v[last] = a.t, a.counter
+        first = last[both] - 1
+        t[first], v[first] = st[both], sc[both]
+        ts_parts.append(t)
+        v_parts.append(v + off if off else v)
     if not ts_parts:
         return ViewSeries(labels, np.zeros(0, dtype=np.int64), np.zeros(0), None)
     return ViewSeries(labels, np.concatenate(ts_parts), np.concatenate(v_parts), None)

@@ -13,6 +13,8 @@ blocks. Rules:
   rule; Thanos' intervals are left-closed).
 * ``count``, ``sum``, ``min`` and ``max`` are those of the interval's samples;
   NaN samples (stale markers included) are left out.
+* ``start_t``/``start_counter`` are the timestamp of the interval's first sample
+  and the counter there, so a rate over a single interval has two points.
 * ``counter`` reads the series as a counter: it starts at the block's first
   value and adds every increase since, a decrease counting as a reset to zero
   (Prometheus' ``increase`` arithmetic), so it never decreases and equals the
@@ -53,12 +55,14 @@ def _intervals(ts: np.ndarray, resolution: int) -> tuple[np.ndarray, np.ndarray]
 
 
 def _aggregate(ts: np.ndarray, count: np.ndarray, sum_: np.ndarray, min_: np.ndarray, max_: np.ndarray,
-               counter: np.ndarray, resolution: int, first_t: int, first_v: float, last_v: float) -> Aggregates:
+               counter: np.ndarray, resolution: int, first_t: int, first_v: float, last_v: float,
+               start_t: np.ndarray, start_counter: np.ndarray) -> Aggregates:
     starts, ends = _intervals(ts, resolution)
     with np.errstate(invalid="ignore"):  # inf - inf in a sum is NaN, as in raw sum_over_time
         sums = np.add.reduceat(sum_, starts)
     return Aggregates(ts[ends], np.add.reduceat(count, starts), sums, np.minimum.reduceat(min_, starts),
-                      np.maximum.reduceat(max_, starts), counter[ends], first_t, first_v, last_v)
+                      np.maximum.reduceat(max_, starts), counter[ends], first_t, first_v, last_v,
+                      start_t[starts], start_counter[starts])
 
 
 def downsample_raw(ts: np.ndarray, vs: np.ndarray, resolution: int) -> Aggregates | None:
@@ -74,8 +78,9 @@ def downsample_raw(ts: np.ndarray, vs: np.ndarray, resolution: int) -> Aggregate
         ts, vs = ts[keep], vs[keep]
     if not len(ts):
         return None
-    return _aggregate(ts, np.ones(len(ts), dtype=np.int64), vs, vs, vs, reset_adjusted(vs), resolution,
-                      int(ts[0]), float(vs[0]), float(vs[-1]))
+    counter = reset_adjusted(vs)
+    return _aggregate(ts, np.ones(len(ts), dtype=np.int64), vs, vs, vs, counter, resolution,
+                      int(ts[0]), float(vs[0]), float(vs[-1]), ts, counter)
 
 
 def counter_offsets(pieces: Sequence[Aggregates]) -> list[float]:
@@ -114,8 +119,7 @@ def trim_overlaps(pieces: Sequence[Aggregates]) -> list[Aggregates]:
             i = int(np.searchsorted(p.t, last, "right"))
             if i == len(p.t):
                 continue
-            p = Aggregates(p.t[i:], p.count[i:], p.sum[i:], p.min[i:], p.max[i:], p.counter[i:],
-                           p.first_t, p.first_v, p.last_v)
+            p = p.rows(i, len(p.t))
         if len(p.t):
             out.append(p)
             last = int(p.t[-1])
@@ -132,7 +136,10 @@ def downsample_aggregates(pieces: Sequence[Aggregates], resolution: int) -> Aggr
     pieces = trim_overlaps(pieces)
     if not pieces:
         return None
-    counters = join_counters(pieces)
+    offsets = counter_offsets(pieces)
     cat = lambda name: np.concatenate([getattr(p, name) for p in pieces])  # noqa: E731
-    return _aggregate(cat("t"), cat("count"), cat("sum"), cat("min"), cat("max"), np.concatenate(counters),
-                      resolution, pieces[0].first_t, pieces[0].first_v, pieces[-1].last_v)
+    counter = np.concatenate([p.counter + off for p, off in zip(pieces, offsets)])
+    start_t = np.concatenate([p.starts()[0] for p in pieces])
+    start_counter = np.concatenate([p.starts()[1] + off for p, off in zip(pieces, offsets)])
+    return _aggregate(cat("t"), cat("count"), cat("sum"), cat("min"), cat("max"), counter,
+                      resolution, pieces[0].first_t, pieces[0].first_v, pieces[-1].last_v, start_t, start_counter)

@@ -99,8 +99,11 @@ AGGREGATE_DATA_SCHEMA = pa.schema([
     pa.field("min", pa.float64(), nullable=False),
     pa.field("max", pa.float64(), nullable=False),
     pa.field("counter", pa.float64(), nullable=False),
+    pa.field("start_t", pa.int64(), nullable=False),
+    pa.field("start_counter", pa.float64(), nullable=False),
 ])
 AGGREGATE_COLUMNS = ("count", "sum", "min", "max", "counter")
+_START_COLUMNS = ("start_t", "start_counter")
 AGGREGATE_INDEX_SCHEMA = pa.schema(list(INDEX_SCHEMA) + [
     pa.field("first_t", pa.int64(), nullable=False),
     pa.field("first_v", pa.float64(), nullable=False),
@@ -360,7 +363,10 @@ class Aggregates(NamedTuple):
     block's first sample on (``first_v`` plus every increase since, a decrease counting as a
     reset to zero). ``first_t``/``first_v`` are the block's first sample of the series and
     ``last_v`` the value of its last (at ``t[-1]``): readers join counters across blocks with
-    them (``store/docs/format/block.md``).
+    them (``store/docs/format/block.md``). ``start_t`` and ``start_counter`` are the
+    timestamp of each interval's first sample and the counter there (None: every interval
+    holds one sample, so they equal ``t`` and ``counter``): with them a rate over a single
+    interval has two points, as raw data has.
     """
 
     t: np.ndarray
@@ -372,6 +378,19 @@ class Aggregates(NamedTuple):
     first_t: int
     first_v: float
     last_v: float
+    start_t: np.ndarray | None = None
+    start_counter: np.ndarray | None = None
+
+    def starts(self) -> tuple[np.ndarray, np.ndarray]:
+        """``start_t`` and ``start_counter``, defaulting to ``t`` and ``counter``."""
+        return (self.t if self.start_t is None else self.start_t,
+                self.counter if self.start_counter is None else self.start_counter)
+
+    def rows(self, i: int, j: int) -> "Aggregates":
+        """Rows ``i`` to ``j`` (exclusive), the block's first and last values unchanged."""
+        st, sc = self.starts()
+        return Aggregates(self.t[i:j], self.count[i:j], self.sum[i:j], self.min[i:j], self.max[i:j],
+                          self.counter[i:j], self.first_t, self.first_v, self.last_v, st[i:j], sc[i:j])
 
 
 AggregateData = tuple[Labels, Aggregates]
@@ -379,7 +398,8 @@ AggregateData = tuple[Labels, Aggregates]
 _RAW_ENCODING = {"ref": "DELTA_BINARY_PACKED", "t": "DELTA_BINARY_PACKED", "v": "BYTE_STREAM_SPLIT"}
 _AGGREGATE_ENCODING = {"ref": "DELTA_BINARY_PACKED", "t": "DELTA_BINARY_PACKED", "count": "DELTA_BINARY_PACKED",
                        "sum": "BYTE_STREAM_SPLIT", "min": "BYTE_STREAM_SPLIT", "max": "BYTE_STREAM_SPLIT",
-                       "counter": "BYTE_STREAM_SPLIT"}
+                       "counter": "BYTE_STREAM_SPLIT", "start_t": "DELTA_BINARY_PACKED",
+                       "start_counter": "BYTE_STREAM_SPLIT"}
 
 
 def encode_block(series: Iterable[SeriesData], data_out: BinaryIO, index_out: BinaryIO, *,
@@ -438,13 +458,18 @@ def encode_aggregate_block(series: Iterable[AggregateData], data_out: BinaryIO, 
             ts, _ = _check_series(labels, ts, np.asarray(a.sum), min_time, max_time)
             if not len(ts):
                 continue
-            cols = [np.asarray(a.count, dtype=np.int64)] + [np.asarray(c, dtype=np.float64)
-                                                             for c in (a.sum, a.min, a.max, a.counter)]
+            start_t, start_counter = a.starts()
+            cols = ([np.asarray(a.count, dtype=np.int64)]
+                    + [np.asarray(c, dtype=np.float64) for c in (a.sum, a.min, a.max, a.counter)]
+                    + [np.asarray(start_t, dtype=np.int64), np.asarray(start_counter, dtype=np.float64)])
             if any(len(c) != len(ts) for c in cols):
                 raise ValueError(f"series {labels}: aggregate columns of different lengths")
             k = interval_of(ts, resolution)
             if len(k) > 1 and not (np.diff(k) > 0).all():
                 raise ValueError(f"series {labels}: two rows in one interval of {resolution} ms")
+            st = cols[5]
+            if (st > ts).any() or (interval_of(st, resolution) != k).any() or ((cols[0] == 1) & (st != ts)).any():
+                raise ValueError(f"series {labels}: a start_t after t, in another interval, or not t for one sample")
             if (cols[0] < 1).any() or (cols[2] > cols[3]).any():
                 raise ValueError(f"series {labels}: a row with count < 1 or min > max")
             if not min_time <= a.first_t <= int(ts[0]):
@@ -1174,7 +1199,7 @@ class BlockReader:
         groups = np.flatnonzero(wanted)
         if not len(groups):
             return []
-        cols = self._read_columns(footer, groups, ("t",) + AGGREGATE_COLUMNS)
+        cols = self._read_columns(footer, groups, ("t",) + AGGREGATE_COLUMNS + _START_COLUMNS)
         pos = np.full(len(footer.rg_tmin), -1, dtype=np.int64)
         pos[groups] = np.concatenate(([0], np.cumsum(np.diff(footer.rg_start)[groups])[:-1]))
         budget = hints.budget if hints is not None else None
@@ -1199,7 +1224,8 @@ class BlockReader:
                     budget.take(int(j - i))
                 agg = Aggregates(st[i:j].copy(), *(parts[n][i:j].copy() for n in AGGREGATE_COLUMNS),
                                  first_t=int(index.first_t[ref]), first_v=float(index.first_v[ref]),
-                                 last_v=float(index.last_v[ref]))
+                                 last_v=float(index.last_v[ref]), start_t=parts["start_t"][i:j].copy(),
+                                 start_counter=parts["start_counter"][i:j].copy())
                 out.append(AggregateSeries(index.labels[ref], agg, self._meta.resolution))
         return out
 
@@ -1227,7 +1253,7 @@ class BlockReader:
             raise CorruptBlock(f"{self._ctx(DATA_FILE)}: row groups {groups.tolist()[:10]} do not decode: {err}") from None
         out = {}
         for name in columns:
-            dtype = np.int64 if name in ("t", "count") else np.float64
+            dtype = np.int64 if name in ("t", "count", "start_t") else np.float64
             out[name] = table.column(name).to_numpy().astype(dtype, copy=False)
         return out
 
@@ -1322,6 +1348,9 @@ def _verify_aggregates(table: pa.Table, t: np.ndarray, same: np.ndarray, last_co
     k = interval_of(t, resolution)
     if (same & ~(k[1:] > k[:-1])).any():
         raise CorruptBlock(f"{context}: two rows of a series in one interval of {resolution} ms")
+    start = table.column("start_t").to_numpy()
+    if ((start > t[1:]) | (interval_of(start, resolution) != k[1:]) | ((count == 1) & (start != t[1:]))).any():
+        raise CorruptBlock(f"{context}: a start_t after its row's t, in another interval, or not t for one sample")
     # The counter aggregate never decreases for a counter, but does for a gauge's negative
     # values (a reset adds the negative value before it): nothing to check there.
     return float(counter[-1]) if len(counter) else last_counter

@@ -89,7 +89,7 @@ def reference(ts, vs, resolution):
         k = -(-t // resolution)  # intervals ((k - 1) * res, k * res]
         r = rows.get(k)
         if r is None:
-            rows[k] = [t, 1, v, v, v, counter]
+            rows[k] = [t, 1, v, v, v, counter, t, counter]
         else:
             r[0] = t
             r[1] += 1
@@ -119,6 +119,8 @@ def test_raw_aggregates_match_the_reference(kind, resolution):
     assert agg.min.tolist() == [r[3] for r in ref]
     assert agg.max.tolist() == [r[4] for r in ref]
     assert agg.counter.tolist() == pytest.approx([r[5] for r in ref], rel=1e-12)
+    assert agg.start_t.tolist() == [r[6] for r in ref]
+    assert agg.start_counter.tolist() == pytest.approx([r[7] for r in ref], rel=1e-12)
     keep = ~np.isnan(vs)
     assert (agg.first_t, agg.first_v, agg.last_v) == (int(ts[keep][0]), float(vs[keep][0]), float(vs[keep][-1]))
 
@@ -147,10 +149,11 @@ def test_counters_joined_across_blocks_with_resets_inside_and_between():
     assert joined == pytest.approx(whole.counter, rel=1e-12)
     hourly = downsample_aggregates(blocks, RES_1H)
     direct = downsample_raw(ts, vs, RES_1H)
-    for name in ("t", "count", "min", "max"):
+    for name in ("t", "count", "min", "max", "start_t"):
         assert getattr(hourly, name).tolist() == getattr(direct, name).tolist(), name
     assert hourly.sum == pytest.approx(direct.sum, rel=1e-12)
     assert hourly.counter == pytest.approx(direct.counter, rel=1e-12)
+    assert hourly.start_counter == pytest.approx(direct.start_counter, rel=1e-12)
     assert (hourly.first_t, hourly.first_v, hourly.last_v) == (direct.first_t, direct.first_v, direct.last_v)
 
 
@@ -211,6 +214,8 @@ def test_backfill_gets_5m_and_1h_blocks_in_one_pass_and_a_second_pass_does_nothi
         assert s.aggregates.t.tolist() == [r[0] for r in ref]
         assert s.aggregates.counter == pytest.approx([r[5] for r in ref], rel=1e-12)
         assert s.aggregates.max.tolist() == [r[4] for r in ref]
+        assert s.aggregates.start_t.tolist() == [r[6] for r in ref]
+        assert s.aggregates.start_counter == pytest.approx([r[7] for r in ref], rel=1e-12)
 
     before = sorted(bucket.iter("", recursive=True))
     result, _ = run(bucket, head, clock)
@@ -306,7 +311,9 @@ def test_verify_rejects_aggregates_that_break_the_rules(bucket):
     verify_block(bucket, meta.ulid)
     assert read_meta(bucket, meta.ulid).version == 2
     bad = [ok._replace(t=np.array([10, 20])), ok._replace(count=np.array([0, 1])),
-           ok._replace(min=np.array([3.0, 1.0])), ok._replace(first_t=20)]
+           ok._replace(min=np.array([3.0, 1.0])), ok._replace(first_t=20),
+           ok._replace(start_t=np.array([11, 400_000])), ok._replace(start_t=np.array([5, 300_000])),
+           ok._replace(start_t=np.array([5, 399_000]))]
     for a in bad:
         with pytest.raises(ValueError):
             write_aggregate_block(bucket, [(Labels.from_pairs([("__name__", "a")]), a)], resolution=RES_5M,

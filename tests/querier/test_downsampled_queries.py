@@ -80,7 +80,12 @@ def compare(raw, ds):
     ("sum_over_time(temperature[1h])", 1e-9),
     ("count_over_time(temperature[1h])", 0),
     ("max_over_time(requests_total[1h])", 1e-12),
-], ids=["rate", "increase", "sum-rate", "avg", "max", "min", "sum", "count", "max-counter"])
+    # A window of one interval: rate from the interval's first and last sample, as raw.
+    ("rate(requests_total[5m])", 1e-9),
+    ("max_over_time(temperature[5m])", 1e-12),
+    ("avg_over_time(temperature[5m])", 1e-9),
+], ids=["rate", "increase", "sum-rate", "avg", "max", "min", "sum", "count", "max-counter", "rate-5m",
+        "max-5m", "avg-5m"])
 def test_5m_answers_within_tolerance_of_raw(tiers, expr, rel):
     raw, ds = run_both(tiers, expr)
     assert resolution_note(RES_5M) in ds.infos and resolution_note(RES_5M) not in raw.infos
@@ -143,7 +148,8 @@ def test_resolution_choice():
     assert max_resolution(None, None) == 0
     assert max_resolution(hints(0, 3_600_000), None) == 0  # instant queries read raw data
     assert max_resolution(hints(STEP, 3_600_000), None) == STEP // 5  # auto: a fifth of the step
-    assert max_resolution(hints(STEP, 300_000), None) == 150_000  # at most half the range
+    assert max_resolution(hints(STEP, 300_000, "rate"), None) == 300_000  # at most the range
+    assert max_resolution(hints(STEP, 300_000, "quantile_over_time"), None) == 150_000  # averages: half
     assert max_resolution(hints(5 * HOUR), None) == RES_5M  # plain selectors: at most the lookback
     assert max_resolution(hints(5 * HOUR, 3 * HOUR), RES_5M) == RES_5M  # the request's cap
     assert max_resolution(hints(5 * HOUR, 3 * HOUR), 0) == 0
@@ -166,7 +172,7 @@ def test_plan_prefers_the_coarsest_covering_resolution(tiers):
 
 
 def test_small_ranges_and_instant_queries_read_raw_data(tiers):
-    raw, ds = run_both(tiers, "rate(requests_total[5m])")  # 5m range: at most 2.5m, i.e. raw
+    raw, ds = run_both(tiers, "quantile_over_time(0.5, temperature[5m])")  # averages: at most 2.5m, i.e. raw
     assert ds.infos == raw.infos and matrix(ds) == matrix(raw)
     _, q = queriers(tiers, None)
     res = Engine().instant(q, "rate(requests_total[1h])", END - HOUR)
