@@ -484,7 +484,17 @@ class _Reader:
     ``durable`` names a durable consumer (it survives this process; one that exists is
     deleted and created again, because a consumer's start sequence cannot be changed);
     ``None`` makes an ephemeral one that the server removes soon after it is no longer used.
+
+    Acknowledgements are cumulative (``AckPolicy.ALL``) and sent at most every
+    ``ack_interval_s`` or every ``ACK_EVERY`` records, not after every fetch: a replica
+    that keeps up fetches one or two records at a time, and every acknowledgement of a
+    replicated consumer is a Raft proposal on the NATS servers. Nothing depends on the
+    acknowledged position (a replica recreates its consumer at its checkpoint + 1 on every
+    start), acknowledgements only keep JetStream from redelivering, so the interval stays
+    well below ``ack_wait_s``.
     """
+
+    ACK_EVERY = 256
 
     def __init__(self, client: _Client, stream: str, durable: str | None, start_seq: int, timeout_s: float,
                  ack_wait_s: float) -> None:
@@ -496,6 +506,10 @@ class _Reader:
         self.next_seq = start_seq
         self._timeout_s = timeout_s
         self._ack_wait_s = ack_wait_s
+        self._ack_interval_s = min(1.0, ack_wait_s / 4)
+        self._unacked: Any = None  # the newest delivered message not acknowledged yet
+        self._unacked_n = 0
+        self._acked_at = time.monotonic()
         self._consumer: str | None = None
         self._sub: Any = None
         self._recreate = False
@@ -507,6 +521,7 @@ class _Reader:
         what = f"consumer {self.durable or '(ephemeral)'} of stream {self.stream} at {self.next_seq}"
         deadline = time.monotonic() + self._timeout_s
         await self._check_not_truncated(self.next_seq)
+        self._unacked, self._unacked_n = None, 0  # messages of the consumer replaced here
         if self._sub is not None:
             sub, self._sub = self._sub, None
             try:
@@ -553,6 +568,8 @@ class _Reader:
         try:
             msgs = await self._sub.fetch(batch=max_records, timeout=timeout_s)
         except (asyncio.TimeoutError, nats.errors.TimeoutError):
+            if self._unacked is not None:  # idle: acknowledge what was held back
+                await self._ack()
             return []
         except Exception as e:
             raise _as_wal_error(e, f"fetch from stream {self.stream}") from e
@@ -570,10 +587,11 @@ class _Reader:
             self.next_seq += 1
             last_msg = msg
         if last_msg is not None:
-            try:
-                await last_msg.ack()  # AckPolicy.ALL: acknowledges everything up to it
-            except Exception:
-                log.debug("consumer ack", extra={"stream": self.stream, "consumer": self._consumer}, exc_info=True)
+            self._unacked = last_msg
+            self._unacked_n += len(out)
+        if self._unacked is not None and (self._unacked_n >= self.ACK_EVERY or gap or
+                                          time.monotonic() - self._acked_at >= self._ack_interval_s):
+            await self._ack()
         if gap:
             # A message was lost on its way (it would be redelivered out of order after
             # ack_wait) or the records were purged: start over at the first missing one. The
@@ -586,6 +604,14 @@ class _Reader:
                 await self._create()
                 self._recreate = False
         return out
+
+    async def _ack(self) -> None:
+        msg, self._unacked, self._unacked_n = self._unacked, None, 0
+        self._acked_at = time.monotonic()
+        try:
+            await msg.ack()  # AckPolicy.ALL: acknowledges everything up to it
+        except Exception:
+            log.debug("consumer ack", extra={"stream": self.stream, "consumer": self._consumer}, exc_info=True)
 
     def delete_quietly(self) -> None:
         if self._consumer is None:

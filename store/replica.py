@@ -262,6 +262,10 @@ class HeadReplica:
         checkpoint_interval_s: pause between periodic checkpoints.
         poll_interval_s: how often the stream's last sequence is polled for ``lag``.
         fetch_batch: records per fetch.
+        fetch_linger_s: after a fetch that returned fewer than ``fetch_batch`` records, wait
+            this long before the next one, so that a replica keeping up fetches several
+            records at a time instead of one (each fetch costs a pull request on the servers
+            and Python work here); it delays what queries see by as much.
         timeout_s: bound of every control call to NATS (create, state, KV, purge).
         stall_timeout_s: a consumer that delivers nothing this long while the stream holds
             unapplied records is recreated after the last applied record.
@@ -281,6 +285,7 @@ class HeadReplica:
                  head_options: HeadOptions = HeadOptions(), retention_ms: int = DBOptions().retention_ms,
                  peers: Sequence[str] = (), stream_replicas: int = 3,
                  checkpoint_interval_s: float = 60, poll_interval_s: float = 0.5, fetch_batch: int = 64,
+                 fetch_linger_s: float = 0.02,
                  timeout_s: float = 10.0, stall_timeout_s: float = 30.0, checkpoint_bucket: str = CHECKPOINT_BUCKET,
                  registry: CollectorRegistry | None = None, now: Callable[[], float] = time.time) -> None:
         for what, name in (("stream", stream), ("replica", replica_name), *(("peer", p) for p in peers)):
@@ -306,6 +311,7 @@ class HeadReplica:
         self._checkpoint_interval_s = checkpoint_interval_s
         self._poll_interval_s = poll_interval_s
         self._fetch_batch = fetch_batch
+        self._fetch_linger_s = max(0.0, fetch_linger_s)
         self._timeout_s = timeout_s
         self._stall_timeout_s = stall_timeout_s
         self._now = now
@@ -465,6 +471,8 @@ class HeadReplica:
                 self._fail(e)
                 return
             progress = time.monotonic()
+            if len(batch) < self._fetch_batch and self._fetch_linger_s:
+                self._stop.wait(self._fetch_linger_s)
 
     def _stalled(self, progress: float) -> bool:
         """Whether the stream holds records the consumer has not delivered for ``stall_timeout_s``

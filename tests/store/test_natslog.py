@@ -104,6 +104,42 @@ def test_consumer_recreated_at_checkpoint_continues_exactly_after(cluster, nlog,
         c.close(delete=True)
 
 
+def consumer_info(cluster, stream: str, name: str):
+    import asyncio
+
+    import nats
+
+    async def main():
+        nc = await nats.connect(servers=cluster.urls)
+        try:
+            return await nc.jsm().consumer_info(stream, name)
+        finally:
+            await nc.close()
+
+    return asyncio.run(main())
+
+
+def test_acknowledgements_are_batched_but_nothing_is_redelivered(cluster, nlog, stream):
+    # ack_wait 2 s: acknowledgements go out every 0.5 s at most (or every ACK_EVERY records).
+    c = NatsConsumer(cluster.urls, stream, "r0", 1, ack_wait_s=2.0)
+    try:
+        first = [nlog.append(record(i)) for i in range(3)]
+        assert read_all(c, first[-1]) == [(s, record(i)) for i, s in enumerate(first)]
+        # Fetched one by one, as a replica that keeps up does: not every fetch acknowledges.
+        more = [nlog.append(record(i)) for i in range(3, 6)]
+        for s in more:
+            assert c.fetch(1, 5.0) == [(s, record(s - 1))]
+        # Idle fetches acknowledge what was held back, long before ack_wait, so JetStream
+        # redelivers nothing even after several ack_waits.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            assert c.fetch(10, 0.3) == []
+        info = consumer_info(cluster, stream, "r0")
+        assert (info.num_ack_pending, info.num_redelivered, info.ack_floor.stream_seq) == (0, 0, more[-1])
+    finally:
+        c.close(delete=True)
+
+
 def test_last_seq(cluster, nlog, stream):
     assert nlog.last_seq() == 0
     c = NatsConsumer(cluster.urls, stream, "r0", 1)
