@@ -7,7 +7,9 @@ of backdated data (starting on an hour, half a day ago: every window long closed
 same at any time of day) span 16 windows and 4 hourly blocks. Flashback first runs with the
 compactor off (the "before" answers, all from the head), then restarts with it on: the windows
 become blocks, the head drops everything (older than its 20-minute retention), and the same
-queries must give the same answers from the bucket alone. Range windows are kept off sample
+queries must give the same answers from the bucket alone; the windows are also downsampled to
+5m blocks and the level-2 blocks to 1h blocks, which a query with a long step reads within
+the documented tolerance. Range windows are kept off sample
 timestamps (samples at whole seconds + 250 ms, evaluation at whole seconds) so Prometheus
 2.42's closed windows agree with 3.x.
 """
@@ -165,9 +167,16 @@ def test_windows_roll_into_blocks_with_unchanged_answers_then_expire(setup):
         def rolled() -> bool:
             state["head"] = get_json(fb.port, "/api/v1/status/tsdb")["data"]["headStats"]
             state["blocks"] = _blocks(str(objstore))
-            live = [b for b in state["blocks"] if not b["hiddenBy"]]
+            live = [b for b in state["blocks"] if not b["hiddenBy"] and b["resolution"] == 0]
+            hourly = [((start_s + h * 3600) * 1000, (start_s + (h + 1) * 3600) * 1000) for h in range(4)]
+            fives = sorted((b["minTime"], b["maxTime"]) for b in state["blocks"] if b["resolution"] == 300_000
+                           and not b["hiddenBy"])
+            hours = sorted((b["minTime"], b["maxTime"]) for b in state["blocks"] if b["resolution"] == 3_600_000)
             return state["head"]["numSeries"] == 0 and sorted((b["minTime"], b["maxTime"], b["level"]) for b in live) \
-                == [((start_s + h * 3600) * 1000, (start_s + (h + 1) * 3600) * 1000, 2) for h in range(4)]
+                == [(a, b, 2) for a, b in hourly] \
+                and fives == [((start_s + w * WINDOW_S) * 1000, (start_s + (w + 1) * WINDOW_S) * 1000)
+                              for w in range(16)] \
+                and hours == hourly  # downsampling: 5m per window, 1h per level-2 block
 
         try:
             wait_until(rolled, 120, "hourly blocks in the bucket and an empty head")
@@ -178,14 +187,31 @@ def test_windows_roll_into_blocks_with_unchanged_answers_then_expire(setup):
         after = _answers(fb.port, start_s + 60, q_end)
         assert after == before
 
+        # A 25-minute step reads the 5m blocks (auto: step / 5), says so, and stays within the
+        # documented tolerance of Prometheus' raw answer; max_source_resolution=raw reads raw data.
+        params = {"query": "sum by (job) (rate(tier_requests_total[30m]))", "start": start_s + 3000,
+                  "end": q_end, "step": 1500}
+        down = get_json(fb.port, "/api/v1/query_range", params)
+        assert any("resolution 5m" in i for i in down.get("infos", [])), down
+        ref = get_json(prom.port, "/api/v1/query_range", params)
+        raw = get_json(fb.port, "/api/v1/query_range", {**params, "max_source_resolution": "raw"})
+        assert "infos" not in raw
+        got = {s["metric"]["job"]: [float(v) for _, v in s["values"]] for s in down["data"]["result"]}
+        want = {s["metric"]["job"]: [float(v) for _, v in s["values"]] for s in ref["data"]["result"]}
+        assert got.keys() == want.keys() and all(len(got[k]) == len(want[k]) for k in want)
+        for k in want:
+            for x, y in zip(got[k], want[k]):
+                assert abs(x - y) <= 0.05 * abs(y), (k, x, y)
+
         # Retention: blocks that ended more than (now - start - 2 h) ago, the first two hours, are
         # marked and, with no delay, deleted.
         keep_from = start_s + 2 * 3600
         retention = f"{int(time.time()) - keep_from - 60}s"  # cutoff a minute after keep_from
         run = _bucket_cli(str(objstore), "retention", "--retention.resolution-raw", retention, "--delete-delay", "0s")
         assert run.returncode == 0, run.stdout + run.stderr
-        left = [b for b in _blocks(str(objstore)) if not b["hiddenBy"]]
+        left = [b for b in _blocks(str(objstore)) if not b["hiddenBy"] and b["resolution"] == 0]
         assert sorted(b["minTime"] for b in left) == [keep_from * 1000, (keep_from + 3600) * 1000], run.stdout
+        assert len([b for b in _blocks(str(objstore)) if b["resolution"] == 3_600_000]) == 4  # kept: no 1h retention
         # From 31 minutes on, no query's range ([5m], [10m], [30m]) reaches into deleted data.
         recent = _answers(fb.port, keep_from + 31 * 60, q_end)
         assert _same(recent, _answers(prom.port, keep_from + 31 * 60, q_end)) == ""
