@@ -130,13 +130,17 @@ class TieredQuerier:
     """Head plus blocks for one request (``store.storage.Querier``); collects ``warnings``."""
 
     def __init__(self, head: Querier, blocks: BucketBlocks | None, *, partial_response: bool = True,
-                 max_source_resolution: int | None = None) -> None:
+                 max_source_resolution: int | None = 0) -> None:
         """Args:
             head: the recent data (or the sharded heads).
             blocks: the bucket's blocks, if any.
             partial_response: skip failing blocks with a warning instead of failing.
             max_source_resolution: the coarsest downsampled data (ms) selections may read;
-                0 raw only; None (auto) a fifth of the evaluation step, raw for instant queries.
+                0 (the default) raw only; None (auto) a fifth of the evaluation step, raw for
+                instant queries. Raw by default because what a downsampled selection returns
+                is shaped for our engine (e.g. ``avg_over_time`` reads sums with counts as
+                weights): remote read and other callers get samples; the query API sets it per
+                request (``auto`` unless ``max_source_resolution`` says otherwise).
         """
         self._head = head
         self._blocks = blocks

@@ -136,7 +136,8 @@ def test_raw_tail_from_the_head_joins_the_downsampled_counter(tmp_path):
     engine = Engine()
     for expr in ("rate(requests_total[1h])", "increase(requests_total[3h])", "avg_over_time(temperature[1h])"):
         raw = engine.range(TieredQuerier(head, None), expr, 2 * HOUR, 2 * DAY - 1, STEP)
-        mixed = engine.range(TieredQuerier(head, blocks), expr, 2 * HOUR, 2 * DAY - 1, STEP)
+        mixed = engine.range(TieredQuerier(head, blocks, max_source_resolution=None), expr, 2 * HOUR, 2 * DAY - 1,
+                             STEP)
         assert resolution_note(RES_5M) in mixed.infos
         pairs = compare(raw, mixed)
         err = np.abs(pairs[:, 1] - pairs[:, 0]) / np.maximum(np.abs(pairs[:, 0]), 1e-9)
@@ -221,10 +222,10 @@ def test_corrupt_downsampled_block_is_a_partial_response_warning(tiers, tmp_path
     five = next(m for m in BucketBlocks(copy).downsampled(0, END, RES_5M))
     name = f"{five.ulid}/data.parquet"
     copy.upload(name, copy.get(name)[:100])  # truncated
-    q = TieredQuerier(Head(HeadOptions()), BucketBlocks(copy))
+    q = TieredQuerier(Head(HeadOptions()), BucketBlocks(copy), max_source_resolution=None)
     res = Engine().range(q, "avg_over_time(temperature[1h])", 2 * HOUR, END - 1, STEP)
     assert any(five.ulid in w for w in q.warnings)
-    q = TieredQuerier(Head(HeadOptions()), BucketBlocks(copy), partial_response=False)
+    q = TieredQuerier(Head(HeadOptions()), BucketBlocks(copy), partial_response=False, max_source_resolution=None)
     with pytest.raises(Exception, match=five.ulid):
         Engine().range(q, "avg_over_time(temperature[1h])", 2 * HOUR, END - 1, STEP)
     assert res.data
@@ -245,3 +246,17 @@ def test_a_shard_without_downsampled_blocks_is_read_raw(tmp_path):
     assert [s.resolution for s in plan] == [0]
     only_a = plan_resolutions(blocks.downsampled(0, DAY, RES_5M), 0, DAY - 1)
     assert [s.resolution for s in only_a] == [RES_5M]
+
+
+def test_remote_read_and_other_callers_get_raw_samples_by_default(tiers):
+    """Without the query API's per-request setting a TieredQuerier reads raw data, whatever the
+    hints say: remote read hands samples to another PromQL engine, which knows no weights."""
+    bucket, _ = tiers
+    q = TieredQuerier(Head(HeadOptions()), BucketBlocks(bucket))
+    notes: list[str] = []
+    hints = SelectHints(0, END, STEP, HOUR, "avg_over_time", notes=notes)
+    from store.matchers import Matcher, MatchType
+
+    sel = q.select([Matcher(MatchType.EQ, "__name__", "temperature")], 0, END, hints)
+    assert notes == [] and all(getattr(s, "weights", None) is None for s in sel)
+    assert sum(len(s.samples()[0]) for s in sel) > 10_000  # raw samples, not 5m rows
