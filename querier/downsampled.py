@@ -34,7 +34,10 @@ to raw ones (tolerances in ``store/docs/format/block.md``):
 * anything else, plain selectors included: the interval average
   ``sum / count`` (Thanos' default).
 
-Raw points in such a selection count as one sample each. Which downsampled
+Raw points in such a selection count as one sample each. Only the query API
+asks for downsampled data (``TieredQuerier.max_source_resolution`` is raw
+otherwise), since these views are shaped for our engine: remote read returns
+raw samples to the other engine. Which downsampled
 resolutions answered is added to ``SelectHints.notes``; the API reports them
 as ``infos``.
 """
