@@ -129,6 +129,8 @@ class Downsampler:
         self._m_marked = Counter("flashback_downsampler_blocks_marked_for_deletion",
                                  "Downsampled blocks marked for deletion because another block holds their data.",
                                  registry=registry)
+        self._m_verify_failures = Counter("flashback_downsampler_verify_failures",
+                                          "Downsampled blocks that failed verification.", registry=registry)
         for res in (RES_5M, RES_1H):
             self._m_written.labels(str(res))
 
@@ -180,7 +182,15 @@ class Downsampler:
             container = blocks.get(b.hidden_by)
             if container is None or container.marked:
                 continue
-            self._verify(container.meta)
+            try:
+                self._verify(container.meta)
+            except CorruptBlock:
+                # Its data is in the block it hides (or in raw blocks, to downsample again):
+                # deleting it shows the hidden block to readers and lets the next pass redo it.
+                self._log.error("corrupt downsampled block hides a sound one: deleting it", exc_info=True,
+                                extra={"block": container.ulid, "hidden": b.ulid})
+                delete_block(self._bucket, container.ulid)
+                return
             _, uploaded = mark_for_deletion(self._bucket, b.ulid, f"its data is in block {container.ulid}",
                                             self._now() // 1000)
             if uploaded:
@@ -242,11 +252,13 @@ class Downsampler:
         return meta
 
     def _verify(self, meta: BlockMeta) -> None:
+        """``verify_block`` once per block and process; failures are counted and raised."""
         if meta.ulid in self._verified:
             return
         try:
             verify_block(self._bucket, meta.ulid, tmp_dir=self._tmp_dir)
-        except IncompleteBlock:
+        except (CorruptBlock, IncompleteBlock):
+            self._m_verify_failures.inc()
             raise
         self._verified.add(meta.ulid)
 

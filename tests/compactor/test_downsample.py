@@ -380,3 +380,23 @@ def test_bucket_inspect_and_verify_understand_downsampled_blocks(tmp_path):
     bucket.upload(name, bucket.get(name)[:-10])
     code, out = cli("verify")
     assert code != 0 and f"FAIL     {hour.ulid}" in out
+
+
+def test_a_corrupt_duplicate_hiding_a_sound_block_is_deleted(bucket):
+    clock = Clock(2 * DAY)
+    _, ds = run(bucket, make_head(dataset(0, WINDOW)), clock)
+    (raw,) = live(bucket, 0)
+    ds._downsample_raw(raw)
+    registry = CollectorRegistry()
+    cat = BlockCatalog(bucket)
+    cat.refresh()
+    fives = [b for b in cat.all_blocks() if b.meta.resolution == RES_5M]
+    visible = next(b for b in fives if b.hidden_by is None)
+    hidden = next(b for b in fives if b.hidden_by is not None)
+    name = f"{visible.ulid}/{DATA_FILE}"
+    bucket.upload(name, bucket.get(name)[:-20])
+    fresh = Downsampler(bucket, now=clock, registry=registry)
+    assert fresh.run_once().marked == []
+    assert [m.ulid for m in live(bucket, RES_5M)] == [hidden.ulid]
+    assert registry.get_sample_value("flashback_downsampler_verify_failures_total") == 1
+    assert fresh.run_once().written == [] and [m.ulid for m in live(bucket, RES_5M)] == [hidden.ulid]
