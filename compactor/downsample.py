@@ -4,7 +4,9 @@ A downsampled block (format version 2, ``store/docs/format/block.md``) holds,
 per series and per aligned interval of its resolution that has samples, the
 samples' ``count``, ``sum``, ``min``, ``max`` and ``counter`` (the value read
 as a counter, reset-adjusted), at the timestamp of the interval's last sample
-(Thanos' rule). NaN samples, stale markers included, are not aggregated.
+(Thanos' rule), and the first sample's timestamp and counter. Intervals are
+right-closed, ``((k - 1) * R, k * R]``. NaN samples, stale markers included,
+are not aggregated.
 
 The aggregation arithmetic is ``store/aggregates.py`` (no I/O, shared with the
 querier, which joins counters across blocks); the ``Downsampler`` here reads
@@ -19,7 +21,8 @@ downsampled block records those of the raw data it was made from):
 
 1. **garbage**: a downsampled block hidden by another unmarked block of its
    resolution (its sources a subset of the other's; ``store.catalog``) is
-   marked for deletion once the other block is verified.
+   marked for deletion once the other block is verified (a corrupt other
+   block is deleted instead: the hidden one holds its data).
 2. **5m**: every live raw block whose sources are not all among the sources of
    5m blocks becomes a 5m block with the same time range, level and sources.
    So each closed window gets its 5m block as soon as its level-1 raw block is
@@ -38,7 +41,12 @@ deleted at once and the error raised. A crash at any point leaves either an
 incomplete block (no ``meta.json``: invisible, cleaned up by retention) or a
 complete one that the next pass counts as done; two downsamplers racing make
 blocks with equal sources, of which readers use one and the next pass marks
-the other. Retention per resolution is ``compactor/retention.py``'s.
+the other. Retention per resolution is ``compactor/retention.py``'s; since a
+1h block is made when its raw second-level block exists, a raw retention
+shorter than that level's range (7 days by default) leaves no 1h blocks (as
+Thanos needs raw data kept for its downsampling ranges). The downsampler runs
+inside the compactor's pass (``Compactor(downsampler=...)``), right after new
+windows are persisted and again at the end.
 """
 
 from __future__ import annotations
