@@ -56,6 +56,7 @@ from store.storage import ArraySeries, SelectHints
 RES_5M = 300_000
 RES_1H = 3_600_000
 RESOLUTIONS = (0, RES_5M, RES_1H)
+MIN_RESOLUTION = RES_5M  # below it a selection reads raw data without looking at downsampled blocks
 NAMES = {0: "raw", RES_5M: "5m", RES_1H: "1h"}
 PLAIN_MAX_RESOLUTION = RES_5M
 COUNTER_FUNCS = frozenset(("rate", "increase", "irate"))

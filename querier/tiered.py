@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from querier.downsampled import (
-    RESOLUTIONS, Piece, Segment, max_resolution, plan_resolutions, resolution_note, view,
+    MIN_RESOLUTION, RESOLUTIONS, Piece, Segment, max_resolution, plan_resolutions, resolution_note, view,
 )
 from store.block import BlockCaches, BlockReader
 from store.bucket import Bucket
@@ -181,7 +181,7 @@ class TieredQuerier:
     def select(self, matchers: Sequence[Matcher], mint: int, maxt: int,
                hints: SelectHints | None = None) -> list[Series]:
         max_res = max_resolution(hints, self.max_source_resolution)
-        if max_res > 0 and self._blocks is not None:
+        if max_res >= MIN_RESOLUTION and self._blocks is not None:
             try:
                 plan = plan_resolutions(self._blocks.downsampled(mint, maxt, max_res), mint, maxt,
                                         raw=self._blocks.readers(mint, maxt))
