@@ -111,7 +111,8 @@ def cmd_store(args: argparse.Namespace) -> int:
     while True:  # NATS may be electing a leader or restarting: keep trying, as a supervisor would
         try:
             replica = HeadReplica(list(topology.nats), shard.stream, args.replica, args.data_dir,
-                                  head_options=HeadOptions(), stream_replicas=topology.stream_replicas,
+                                  head_options=HeadOptions(chunk_range_ms=args.chunk_range_ms),
+                                  retention_ms=args.retention_ms, stream_replicas=topology.stream_replicas,
                                   peers=[r.name for r in shard.replicas], registry=registry)
             break
         except (LogUnavailable, TimeoutError, OSError) as e:
@@ -248,6 +249,12 @@ def configure(sub: argparse._SubParsersAction) -> None:
     def duration(v: str) -> int:
         return parse_duration_ms(v, "duration")
 
+    def positive_duration(v: str) -> int:
+        ms = parse_duration_ms(v, "duration")
+        if ms <= 0:
+            raise argparse.ArgumentTypeError(f"{v!r}: must be positive")
+        return ms
+
     def levels(v: str) -> tuple[int, ...]:
         try:
             out = tuple(int(x) for x in v.split(","))
@@ -267,6 +274,12 @@ def configure(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--replica", required=True, help="this replica's name in the topology")
     st.add_argument("--data-dir", required=True, help="where the replica keeps its head checkpoints")
     st.add_argument("--grpc-listen", required=True, help="HOST:PORT of the head gRPC service")
+    # Replicas of a shard apply the same records the same way only with the same head settings.
+    st.add_argument("--head.chunk-range", dest="chunk_range_ms", type=positive_duration, default=2 * 3600_000,
+                    help="time range of a head chunk (default 2h; the same on every replica of a shard)")
+    st.add_argument("--head.retention", dest="retention_ms", type=positive_duration, default=28 * 3600_000,
+                    help="persisted data stays in the head until it is this old by the log's clock "
+                         "(default 28h; the same on every replica of a shard)")
     st.add_argument("--start-timeout", type=float, default=300.0,
                     help="seconds to keep retrying while NATS cannot be reached at start")
     st.set_defaults(func=cmd_store)

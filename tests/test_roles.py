@@ -26,3 +26,13 @@ def test_compactor_refuses_bad_levels(tmp_path, levels):
                           str(tmp_path / "o.yml"), "--data-dir", str(tmp_path), "--levels", levels],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "argument --levels" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("flag", ["--head.retention", "--head.chunk-range"])
+@pytest.mark.parametrize("value", ["0s", "soon"])
+def test_store_refuses_bad_head_durations(tmp_path, flag, value):
+    out = subprocess.run([sys.executable, "-m", "flashback", "store", "--topology", str(tmp_path / "t.yml"),
+                          "--listen", "127.0.0.1:0", "--shard", "shard-0", "--replica", "r0", "--data-dir",
+                          str(tmp_path), "--grpc-listen", "127.0.0.1:0", flag, value],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and f"argument {flag}" in out.stderr and "Traceback" not in out.stderr

@@ -6,9 +6,10 @@ ago, in 15-minute windows, 4 windows per level-2 block), written through the clu
 and into a real Prometheus. The cluster first runs without its compactors: the querier answers
 from the head replicas, like Prometheus. Then the compactors start: every shard's windows become
 blocks with the shard as external label, merged into hourly level-2 blocks, and the persisted
-watermark goes through each shard's log, so every replica refuses older samples from then on.
-The querier, now reading blocks too, gives the same answers, and so does a single-node Flashback
-with an empty head reading only that bucket.
+watermark goes through each shard's log, so every replica refuses older samples from then on
+and, the data being older than the heads' retention by the log's clock, drops it. The querier,
+now reading those windows from the blocks alone, gives the same answers, and so does a
+single-node Flashback with an empty head reading only that bucket.
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ def _port(hostport: str) -> int:
     return int(hostport.rsplit(":", 1)[1])
 
 
+def _status(port: int) -> list[dict]:
+    """Every shard's replicas as ``/api/v1/status/cluster`` shows them."""
+    return get_json(port, "/api/v1/status/cluster")["data"]["shards"]
+
+
 def _metric(hostport: str, name: str, labels: str) -> float:
     """A sample of a role's ``/metrics`` whose labels contain ``labels`` (0 when absent)."""
     with urllib.request.urlopen(f"http://{hostport}/metrics", timeout=10) as r:
@@ -68,6 +74,7 @@ def setup(tmp_path_factory):
         cluster = LocalCluster(str(tmp / "cluster"), shards=3, replicas=3, objstore=s3.objstore_config("blocks"),
                                compactor_flags=["--window", f"{WINDOW_S}s", "--grace", "30s", "--interval", "1s",
                                                 "--levels", "1,4"],
+                               store_flags=["--head.chunk-range", "5m", "--head.retention", "20m"],
                                querier_flags=["--sync-block-duration", "2s"])
         started.append(cluster)
         cluster.start(timeout=180, compactors=False)
@@ -105,49 +112,64 @@ def test_cluster_windows_roll_into_blocks_with_unchanged_answers(setup):
     cluster.start_compactors()
     hourly = [((start_s + h * 3600) * 1000, (start_s + (h + 1) * 3600) * 1000, 2) for h in range(4)]
 
-    def rolled() -> bool:
-        state["blocks"] = _blocks(cluster.objstore_path)
-        live = [b for b in state["blocks"] if not b["hiddenBy"]]
-        return all(sorted((b["minTime"], b["maxTime"], b["level"]) for b in live if b["labels"] == {"shard": s})
-                   == hourly for s in SHARDS) and len(live) == len(SHARDS) * len(hourly)
+    def rolled() -> bool:  # raw blocks; the compactors also downsample them, not checked here
+        state["live"] = [b for b in _blocks(cluster.objstore_path) if not b["hiddenBy"] and b["resolution"] == 0]
+        return all(sorted((b["minTime"], b["maxTime"], b["level"]) for b in state["live"]
+                          if b["labels"] == {"shard": s}) == hourly for s in SHARDS) \
+            and len(state["live"]) == len(SHARDS) * len(hourly)
 
     try:
         wait_until(rolled, 180, "hourly blocks of every shard in the bucket")
     except AssertionError:
-        logs = {n: p.log(1500) for n, p in cluster.processes.items() if n.startswith("compactor-")}
-        raise AssertionError(f"{state.get('blocks')}; compactor logs {logs}") from None
+        live = sorted((b["labels"].get("shard"), b["minTime"], b["maxTime"], b["level"]) for b in state.get("live", ()))
+        logs = {n: p.log(1000) for n, p in cluster.processes.items() if n.startswith("compactor-")}
+        raise AssertionError(f"live raw blocks {live}; compactor logs {logs}") from None
     verify = _bucket_cli(cluster.objstore_path, "verify")
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    live = [b for b in state["blocks"] if not b["hiddenBy"]]
     # Every sample written once in the bucket: 24 series, one sample per 15 s.
-    assert sum(b["numSamples"] for b in live) == 24 * SPAN_S // 15
+    assert sum(b["numSamples"] for b in state["live"]) == 24 * SPAN_S // 15
 
-    # The querier re-lists the bucket every 2 s here; once it reads the blocks, the answers are the same.
-    http = cluster.processes["querier"].http
-    ranges_before = _metric(http, "flashback_bucket_operations_total", 'operation="get_range"')
-
-    def reads_blocks() -> bool:
-        state["after"] = _answers(querier, start_s + 60, q_end)
-        return _metric(http, "flashback_bucket_operations_total", 'operation="get_range"') > ranges_before
-
-    wait_until(reads_blocks, 90, "the querier to read the blocks", interval=2)
-    assert state["after"] == before
-    assert _answers(querier, start_s + 60, q_end) == before
-
-    # Each compactor published its persisted watermark through its shard's log: every replica, at
-    # the same log position, now refuses samples older than it, even of series it never had.
+    # Each compactor published its persisted watermark through its shard's log.
     for shard in SHARDS:
         http_c = cluster.processes[f"compactor-{shard}"].http
         wait_until(lambda: _metric(http_c, "flashback_compactor_persisted_watermark_seconds", "") >= end_s, 60,
                    f"{shard}'s persisted watermark")
+
+    # The persisted data is older than the heads' 20-minute retention by the log's clock: every
+    # replica drops it.
+    def heads_empty() -> bool:
+        state["status"] = _status(querier)
+        return all(r.get("series") == 0 for s in state["status"] for r in s["replicas"])
+
+    try:
+        wait_until(heads_empty, 60, "every replica's head to drop the persisted windows")
+    except AssertionError:
+        raise AssertionError(f"cluster status {state.get('status')}") from None
+
+    # Every replica, at the same log position, now refuses samples older than it, even of series
+    # it never had.
     late = [([("__name__", "tier_late"), ("instance", f"i{i}")], [(start_s * 1000 + 500, 1.0)]) for i in range(30)]
     status, body = remote_write(_port(cluster.processes["adapter"].http), prompb_ref.write_request(late))
     assert status in (204, 400), body  # the heads decide after the adapter's answer
     stores = [p for n, p in cluster.processes.items() if n.startswith("store-")]
     wait_until(lambda: all(_metric(p.http, "flashback_head_samples_rejected_total", 'reason="out_of_bounds"') > 0
                            for p in stores), 60, "every replica to refuse the samples below the watermark")
-    assert get_json(querier, "/api/v1/query", {"query": "tier_late[1d]", "time": end_s})["data"]["result"] == []
+
+    # The querier re-lists the bucket every 2 s here; once it reads the blocks, the same answers,
+    # now from the bucket alone.
+    http = cluster.processes["querier"].http
+
+    def from_blocks() -> bool:
+        state["after"] = _answers(querier, start_s + 60, q_end)
+        return _metric(http, "flashback_bucket_operations_total", 'operation="get_range"') > 0 \
+            and state["after"] == before
+
+    try:
+        wait_until(from_blocks, 90, "the querier to answer from the blocks as before", interval=2)
+    except AssertionError:
+        raise AssertionError(f"after: {_same(before, state['after'])}") from None
     assert _answers(querier, start_s + 60, q_end) == before
+    assert get_json(querier, "/api/v1/query", {"query": "tier_late[1d]", "time": end_s})["data"]["result"] == []
 
     # The bucket alone holds the same answers: a single node with an empty head and no compactor.
     config = tmp / "bucket-only.yml"
