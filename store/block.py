@@ -1199,7 +1199,7 @@ class BlockReader:
         groups = np.flatnonzero(wanted)
         if not len(groups):
             return []
-        cols = self._read_columns(footer, groups, ("t",) + AGGREGATE_COLUMNS + _START_COLUMNS)
+        cols = self._read_aggregate_groups(footer, groups)
         pos = np.full(len(footer.rg_tmin), -1, dtype=np.int64)
         pos[groups] = np.concatenate(([0], np.cumsum(np.diff(footer.rg_start)[groups])[:-1]))
         budget = hints.budget if hints is not None else None
@@ -1227,6 +1227,39 @@ class BlockReader:
                                  last_v=float(index.last_v[ref]), start_t=parts["start_t"][i:j].copy(),
                                  start_counter=parts["start_counter"][i:j].copy())
                 out.append(AggregateSeries(index.labels[ref], agg, self._meta.resolution))
+        return out
+
+    def _read_aggregate_groups(self, footer: _Footer, groups: np.ndarray) -> dict[str, np.ndarray]:
+        """Decoded columns (but ``ref``) of the given row groups of a version 2 block, concatenated
+        in order; row groups come from the shared chunk cache when there is one (as ``_read_groups``),
+        packed as an int64 ``(3, rows)`` and a float64 ``(5, rows)`` array."""
+        ints, floats = ("t", "count", "start_t"), ("sum", "min", "max", "counter", "start_counter")
+        cache = self._caches.chunks if self._caches is not None else None
+        if cache is None or cache.max_bytes == 0:
+            return self._read_columns(footer, groups, ints + floats)
+        parts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        missing = []
+        for g in groups.tolist():
+            hit = cache.get((self._ulid, "aggregates", g))
+            if hit is None:
+                missing.append(g)
+            else:
+                parts[g] = hit
+        if missing:
+            cols = self._read_columns(footer, np.asarray(missing, dtype=np.int64), ints + floats)
+            i_all = np.stack([cols[n] for n in ints])
+            f_all = np.stack([cols[n] for n in floats])
+            o = 0
+            for g, n in zip(missing, np.diff(footer.rg_start)[missing].tolist()):
+                part = (i_all[:, o:o + n].copy(), f_all[:, o:o + n].copy())
+                parts[g] = part
+                cache.put((self._ulid, "aggregates", g), part)
+                o += n
+        order = groups.tolist()
+        i_cat = np.concatenate([parts[g][0] for g in order], axis=1)
+        f_cat = np.concatenate([parts[g][1] for g in order], axis=1)
+        out = {n: i_cat[k] for k, n in enumerate(ints)}
+        out.update({n: f_cat[k] for k, n in enumerate(floats)})
         return out
 
     def _read_columns(self, footer: _Footer, groups: np.ndarray, columns: Sequence[str]) -> dict[str, np.ndarray]:

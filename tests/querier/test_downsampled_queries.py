@@ -260,3 +260,28 @@ def test_remote_read_and_other_callers_get_raw_samples_by_default(tiers):
     sel = q.select([Matcher(MatchType.EQ, "__name__", "temperature")], 0, END, hints)
     assert notes == [] and all(getattr(s, "weights", None) is None for s in sel)
     assert sum(len(s.samples()[0]) for s in sel) > 10_000  # raw samples, not 5m rows
+
+
+def test_downsampled_row_groups_come_from_the_shared_chunk_cache(tiers):
+    from store.block import BlockCaches
+
+    class Counting(FilesystemBucket):
+        reads = 0
+
+        def get_range(self, name, offset, length):
+            if name.endswith("/data.parquet"):
+                Counting.reads += 1
+            return super().get_range(name, offset, length)
+
+    bucket, _ = tiers
+    blocks = BucketBlocks(Counting(bucket._root), caches=BlockCaches(64 << 20, 64 << 20))
+
+    def query():
+        return Engine().range(TieredQuerier(Head(HeadOptions()), blocks, max_source_resolution=None),
+                              "avg_over_time(temperature[1h])", 2 * HOUR, END - 1, STEP)
+
+    first = query()
+    cold = Counting.reads
+    again = query()
+    assert cold > 0 and Counting.reads == cold  # the second query reads no data file
+    assert matrix(again) == matrix(first) and resolution_note(RES_5M) in again.infos
