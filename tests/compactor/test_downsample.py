@@ -400,3 +400,20 @@ def test_a_corrupt_duplicate_hiding_a_sound_block_is_deleted(bucket):
     assert [m.ulid for m in live(bucket, RES_5M)] == [hidden.ulid]
     assert registry.get_sample_value("flashback_downsampler_verify_failures_total") == 1
     assert fresh.run_once().written == [] and [m.ulid for m in live(bucket, RES_5M)] == [hidden.ulid]
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"version": 1}, "version 1 with resolution 300000"),
+    ({"version": 1, "resolution": 0}, "format version 2, meta.json says 1"),
+    ({"resolution": 0}, "version 2 with resolution 0"),
+], ids=["v1-downsampled", "v1-meta-over-v2-files", "v2-raw"])
+def test_version_and_resolution_must_agree(bucket, changes, match):
+    import json as _json
+
+    run(bucket, make_head(dataset(0, WINDOW)), Clock(2 * DAY))
+    (m,) = live(bucket, RES_5M)
+    doc = _json.loads(bucket.get(f"{m.ulid}/meta.json"))
+    doc.update(changes)
+    bucket.upload(f"{m.ulid}/meta.json", _json.dumps(doc).encode())
+    with pytest.raises(CorruptBlock, match=match):
+        BlockReader(bucket, m.ulid).select([ANY], 0, DAY)
