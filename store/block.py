@@ -98,12 +98,11 @@ AGGREGATE_DATA_SCHEMA = pa.schema([
     pa.field("sum", pa.float64(), nullable=False),
     pa.field("min", pa.float64(), nullable=False),
     pa.field("max", pa.float64(), nullable=False),
-    pa.field("counter", pa.float64(), nullable=False),
+    pa.field("counter_xor_max", pa.float64(), nullable=False),
     pa.field("start_t", pa.int64(), nullable=False),
-    pa.field("start_counter", pa.float64(), nullable=False),
+    pa.field("start_counter_xor_min", pa.float64(), nullable=False),
 ])
 AGGREGATE_COLUMNS = ("count", "sum", "min", "max", "counter")
-_START_COLUMNS = ("start_t", "start_counter")
 AGGREGATE_INDEX_SCHEMA = pa.schema(list(INDEX_SCHEMA) + [
     pa.field("first_t", pa.int64(), nullable=False),
     pa.field("first_v", pa.float64(), nullable=False),
@@ -354,6 +353,21 @@ def interval_of(ts: np.ndarray, resolution: int) -> np.ndarray:
     return -((-ts) // resolution)
 
 
+def _xor(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The float64 whose bit pattern is ``a``'s XOR ``b``'s: how ``counter`` and ``start_counter``
+    are stored (against ``max`` and ``min``, which they equal for counters without resets, so
+    most stored values are zero and cost next to nothing compressed). Its own inverse, lossless."""
+    return (np.ascontiguousarray(a, dtype=np.float64).view(np.uint64)
+            ^ np.ascontiguousarray(b, dtype=np.float64).view(np.uint64)).view(np.float64)
+
+
+def _decode_counters(cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``counter`` and ``start_counter`` from their stored XOR forms."""
+    cols["counter"] = _xor(cols.pop("counter_xor_max"), cols["max"])
+    cols["start_counter"] = _xor(cols.pop("start_counter_xor_min"), cols["min"])
+    return cols
+
+
 class Aggregates(NamedTuple):
     """Per-interval aggregates of one series in one downsampled block (format version 2).
 
@@ -398,8 +412,8 @@ AggregateData = tuple[Labels, Aggregates]
 _RAW_ENCODING = {"ref": "DELTA_BINARY_PACKED", "t": "DELTA_BINARY_PACKED", "v": "BYTE_STREAM_SPLIT"}
 _AGGREGATE_ENCODING = {"ref": "DELTA_BINARY_PACKED", "t": "DELTA_BINARY_PACKED", "count": "DELTA_BINARY_PACKED",
                        "sum": "BYTE_STREAM_SPLIT", "min": "BYTE_STREAM_SPLIT", "max": "BYTE_STREAM_SPLIT",
-                       "counter": "BYTE_STREAM_SPLIT", "start_t": "DELTA_BINARY_PACKED",
-                       "start_counter": "BYTE_STREAM_SPLIT"}
+                       "counter_xor_max": "BYTE_STREAM_SPLIT", "start_t": "DELTA_BINARY_PACKED",
+                       "start_counter_xor_min": "BYTE_STREAM_SPLIT"}
 
 
 def encode_block(series: Iterable[SeriesData], data_out: BinaryIO, index_out: BinaryIO, *,
@@ -459,9 +473,10 @@ def encode_aggregate_block(series: Iterable[AggregateData], data_out: BinaryIO, 
             if not len(ts):
                 continue
             start_t, start_counter = a.starts()
-            cols = ([np.asarray(a.count, dtype=np.int64)]
-                    + [np.asarray(c, dtype=np.float64) for c in (a.sum, a.min, a.max, a.counter)]
-                    + [np.asarray(start_t, dtype=np.int64), np.asarray(start_counter, dtype=np.float64)])
+            mn, mx = np.asarray(a.min, dtype=np.float64), np.asarray(a.max, dtype=np.float64)
+            cols = ([np.asarray(a.count, dtype=np.int64), np.asarray(a.sum, dtype=np.float64), mn, mx,
+                     _xor(np.asarray(a.counter, dtype=np.float64), mx)]
+                    + [np.asarray(start_t, dtype=np.int64), _xor(np.asarray(start_counter, dtype=np.float64), mn)])
             if any(len(c) != len(ts) for c in cols):
                 raise ValueError(f"series {labels}: aggregate columns of different lengths")
             k = interval_of(ts, resolution)
@@ -1233,10 +1248,11 @@ class BlockReader:
         """Decoded columns (but ``ref``) of the given row groups of a version 2 block, concatenated
         in order; row groups come from the shared chunk cache when there is one (as ``_read_groups``),
         packed as an int64 ``(3, rows)`` and a float64 ``(5, rows)`` array."""
-        ints, floats = ("t", "count", "start_t"), ("sum", "min", "max", "counter", "start_counter")
+        ints = ("t", "count", "start_t")
+        floats = ("sum", "min", "max", "counter_xor_max", "start_counter_xor_min")
         cache = self._caches.chunks if self._caches is not None else None
         if cache is None or cache.max_bytes == 0:
-            return self._read_columns(footer, groups, ints + floats)
+            return _decode_counters(self._read_columns(footer, groups, ints + floats))
         parts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         missing = []
         for g in groups.tolist():
@@ -1260,7 +1276,7 @@ class BlockReader:
         f_cat = np.concatenate([parts[g][1] for g in order], axis=1)
         out = {n: i_cat[k] for k, n in enumerate(ints)}
         out.update({n: f_cat[k] for k, n in enumerate(floats)})
-        return out
+        return _decode_counters(out)
 
     def _read_columns(self, footer: _Footer, groups: np.ndarray, columns: Sequence[str]) -> dict[str, np.ndarray]:
         """Decoded ``columns`` of the given row groups, concatenated in order (fetches every
@@ -1373,7 +1389,7 @@ def _verify_aggregates(table: pa.Table, t: np.ndarray, same: np.ndarray, last_co
     """
     count = table.column("count").to_numpy()
     mn, mx = table.column("min").to_numpy(), table.column("max").to_numpy()
-    counter = table.column("counter").to_numpy()
+    counter = _xor(table.column("counter_xor_max").to_numpy(), mx)
     if (count < 1).any():
         raise CorruptBlock(f"{context}: a row with count < 1")
     if (mn > mx).any():
