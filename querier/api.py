@@ -288,8 +288,8 @@ class QueryAPI:
     def _querier(self, form) -> Querier:
         """The request's querier; ``partial_response=false`` (Thanos' parameter) makes a failing
         bucket fail the request instead of answering from what could be read, with a warning;
-        ``max_source_resolution`` (``raw``/``0s``, ``5m``, ``1h``, ``auto``) caps the resolution
-        of downsampled data it reads (``querier/downsampled.py``)."""
+        ``max_source_resolution`` (``auto``, ``raw`` or a duration: ``0s``, ``5m``, ``1h``) caps
+        the resolution of downsampled data it reads (``querier/downsampled.py``)."""
         q = self._querier_factory()
         v = self._param(form, "partial_response").lower()
         if v and hasattr(q, "partial_response"):
@@ -299,7 +299,7 @@ class QueryAPI:
         # Thanos' parameter: the coarsest downsampled data the query may read (auto: step / 5).
         v = self._param(form, "max_source_resolution")
         try:
-            res = parse_max_source_resolution(v)
+            res = parse_max_source_resolution(v, parse_duration)
         except ValueError as e:
             raise _bad("max_source_resolution", str(e)) from None
         if hasattr(q, "max_source_resolution"):

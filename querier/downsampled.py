@@ -3,7 +3,8 @@
 Resolution choice (Thanos' ``max_source_resolution`` and auto-downsampling):
 
 * The request sets the coarsest resolution it accepts: ``max_source_resolution``
-  = ``raw`` (or ``0s``), ``5m``, ``1h`` or ``auto`` (default). ``auto`` is a
+  = ``raw`` (or ``0s``), ``5m``, ``1h`` (any duration, as Thanos) or ``auto``
+  (default). ``auto`` is a
   fifth of the evaluation step (Thanos' rule: at least five raw samples'
   worth of step per downsampled point), and raw for instant queries.
 * A range selector is never answered coarser than its range, so every window
@@ -44,7 +45,7 @@ as ``infos``.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -66,22 +67,26 @@ WHOLE_INTERVAL_FUNCS = COUNTER_FUNCS | WEIGHTED_FUNCS | {"max_over_time", "min_o
 _STALE_NAN = np.array([0x7FF0000000000002], dtype=np.uint64).view(np.float64)[0]
 
 
-def parse_max_source_resolution(value: str) -> int | None:
-    """``raw``/``0s``/``5m``/``1h``/``auto`` (or empty) to ms; None for auto.
+def parse_max_source_resolution(value: str, duration: Callable[[str], int]) -> int | None:
+    """Thanos' ``max_source_resolution``: ``auto`` (or empty) is None; ``raw`` 0; otherwise a
+    non-negative duration (``0s``, ``5m``, ``1h``, ``10m``, or seconds as Thanos' query
+    frontend sends them, ``300``) parsed by ``duration`` into ms.
 
     Raises:
-        ValueError: any other value.
+        ValueError: anything else.
     """
-    v = value.strip().lower()
+    v = value.strip()
     if v in ("", "auto"):
         return None
-    if v in ("raw", "0", "0s", "0m", "0h"):
+    if v == "raw":
         return 0
-    if v in ("5m", "300s", "300"):
-        return RES_5M
-    if v in ("1h", "60m", "3600s", "3600"):
-        return RES_1H
-    raise ValueError(f"cannot parse {value!r}: expected raw, 0s, 5m, 1h or auto")
+    try:
+        ms = duration(v)
+    except ValueError:
+        raise ValueError(f"cannot parse {value!r}: expected auto, raw or a duration such as 0s, 5m or 1h") from None
+    if ms < 0:
+        raise ValueError(f"{value!r} is negative")
+    return ms
 
 
 def max_resolution(hints: SelectHints | None, requested: int | None) -> int:

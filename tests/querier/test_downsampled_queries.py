@@ -155,11 +155,14 @@ def test_resolution_choice():
     assert max_resolution(hints(5 * HOUR, 3 * HOUR), RES_5M) == RES_5M  # the request's cap
     assert max_resolution(hints(5 * HOUR, 3 * HOUR), 0) == 0
     assert max_resolution(hints(0, 3 * HOUR), RES_1H) == RES_1H  # an explicit resolution, instant too
-    for v, want in (("raw", 0), ("0s", 0), ("5m", RES_5M), ("1h", RES_1H), ("auto", None), ("", None)):
-        assert parse_max_source_resolution(v) == want
-    for bad in ("2m", "fast", "-5m"):
+    from querier.api import parse_duration
+
+    for v, want in (("raw", 0), ("0s", 0), ("5m", RES_5M), ("1h", RES_1H), ("auto", None), ("", None),
+                    ("300", RES_5M), ("3600", RES_1H), ("10m", 600_000)):
+        assert parse_max_source_resolution(v, parse_duration) == want
+    for bad in ("fast", "-5m", "-300", "5x"):
         with pytest.raises(ValueError):
-            parse_max_source_resolution(bad)
+            parse_max_source_resolution(bad, parse_duration)
 
 
 def test_plan_prefers_the_coarsest_covering_resolution(tiers):
