@@ -1,11 +1,16 @@
 """``POST /api/v1/write`` in cluster mode: split each request by shard and publish the parts.
 
 Every series goes to the shard ``topology.shard_index(series_id)``. A shard's part of a
-request is the concatenation of its TimeSeries fields, copied byte for byte from the
-incoming protobuf (no re-encoding: any run of TimeSeries fields is a WriteRequest on its
-own), snappy-compressed and wrapped as a log record (``store.db.encode_record``). The
-parts of all involved shards are published at once, each to its shard's replicated log
-(``store.natslog.NatsLog``); head replicas consume them and apply them in order.
+request is, by default, its series as the decoded columns the adapter has anyway (keys,
+sample counts, timestamps, value bits; ``store.shardrecord``, record version 2), so that
+none of the shard's head replicas has to decode protobuf again. Requests with labels that
+are not canonical or with native histograms, or all requests with ``record_format =
+"protobuf"``, are split into the concatenation of each shard's TimeSeries fields instead,
+copied byte for byte from the incoming protobuf (no re-encoding: any run of TimeSeries
+fields is a WriteRequest on its own), snappy-compressed and wrapped as a log record
+(``store.db.encode_record``). The parts of all involved shards are published at once, each
+to its shard's replicated log (``store.natslog.NatsLog``); head replicas consume them and
+apply them in order.
 
 Status contract, the same as the single node's (``adapter.remote_write``) where it can be:
 
@@ -21,9 +26,9 @@ Status contract, the same as the single node's (``adapter.remote_write``) where 
 * 503 with ``Retry-After`` when a shard's log did not acknowledge in time (no stream
   leader while JetStream elects one, 4-8 s after a server crash; no quorum; servers
   unreachable). Prometheus retries 5xx with the same body. Other shards may already hold
-  their parts: every part is published with a message id derived from its bytes and its
-  shard (``msg_id``), not from the clock, so a retry within the stream's duplicate window
-  is stored once.
+  their parts: every part is published with a message id derived from its bytes (before
+  compression) and its shard (``msg_id``), not from the clock, so a retry within the
+  stream's duplicate window is stored once.
 
 What the adapter cannot know: out-of-order samples, duplicate timestamps and samples out
 of the head's time bounds depend on the state of the head, which applies the record later
@@ -34,7 +39,7 @@ path acknowledges once the record is in the log, and ingesters discard such samp
 they consume it.
 
 A shard's part larger than ``max_part_bytes`` (uncompressed) is published as several
-records, cut between TimeSeries, so that every record fits the servers' message size
+records, cut between series, so that every record fits the servers' message size
 limit (NATS' default ``max_payload`` is 1 MiB).
 """
 
@@ -53,15 +58,15 @@ import xxhash
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from adapter.remote_write import _bad, decode_request
-from store import writerequest
+from store import shardrecord, writerequest
 from store.db import encode_record
 from store.errors import LogUnavailable, WALError
 from store.head import AppendResult, validate_labels
 from store.httpserver import Request, Response, Router
 from store.natslog import wait_future
 from store.topology import Topology
-from store.writerequest import (HAS_HISTOGRAMS, NEEDS_SLOW_PATH, S_FLAGS, S_HIST, S_LAB_N, S_LAB_START,
-                                S_SMP_N, S_SPAN_END, S_SPAN_START)
+from store.writerequest import (HAS_HISTOGRAMS, NEEDS_SLOW_PATH, S_FLAGS, S_HIST, S_KEY_LEN, S_KEY_OFF, S_LAB_N,
+                                S_LAB_START, S_SMP_N, S_SMP_START, S_SPAN_END, S_SPAN_START)
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +154,7 @@ class _Part:
     msg_id: str
     series: int
     samples: int
-    nbytes: int  # uncompressed protobuf bytes
+    nbytes: int  # uncompressed bytes (protobuf or columns block)
 
 
 class _Metrics:
@@ -158,8 +163,8 @@ class _Metrics:
                              "shard's log, by shard.", ["shard"], registry=registry)
         self.samples = Counter("flashback_remote_write_shard_samples_total", "Samples in request parts "
                                "acknowledged by a shard's log, by shard.", ["shard"], registry=registry)
-        self.bytes = Counter("flashback_remote_write_shard_bytes_total", "Uncompressed protobuf bytes of "
-                             "acknowledged request parts, by shard.", ["shard"], registry=registry)
+        self.bytes = Counter("flashback_remote_write_shard_bytes_total", "Uncompressed bytes of acknowledged "
+                             "request parts (protobuf or columns), by shard.", ["shard"], registry=registry)
         self.failures = Counter("flashback_remote_write_shard_publish_failures_total", "Request parts a shard's "
                                 "log did not acknowledge, by shard and reason (unavailable: retrying may help).",
                                 ["shard", "reason"], registry=registry)
@@ -196,12 +201,20 @@ class ShardedWriteHandler:
         name_validation: ``utf8`` or ``legacy``, as ``HeadOptions.name_validation`` of the heads.
         registry: where the ``flashback_remote_write_*`` metrics go; private if ``None``.
         now: the clock (seconds) whose milliseconds go into each record.
+        record_format: ``columns`` (default): each part as decoded columns
+            (``store.shardrecord``), which the head replicas append without decoding the
+            protobuf again; requests with non-canonical labels or native histograms still go
+            as ``protobuf``, which writes every part as the TimeSeries bytes of the request.
     """
 
     def __init__(self, topology: Topology, logs: Sequence[ShardLog], *, max_body_bytes: int = 32 << 20,
                  max_decoded_bytes: int = 256 << 20, max_part_bytes: int = DEFAULT_MAX_PART_BYTES,
                  publish_timeout_s: float = 15.0, retry_after_s: int = 2, name_validation: str = "utf8",
-                 registry: CollectorRegistry | None = None, now: Callable[[], float] = time.time) -> None:
+                 registry: CollectorRegistry | None = None, now: Callable[[], float] = time.time,
+                 record_format: str = "columns") -> None:
+        if record_format not in ("columns", "protobuf"):
+            raise ValueError(f"record format {record_format!r}: columns or protobuf")
+        self.record_format = record_format
         if len(logs) != len(topology.shards):
             raise ValueError(f"{len(logs)} logs for {len(topology.shards)} shards")
         if max_part_bytes <= 0 or publish_timeout_s <= 0:
@@ -273,13 +286,16 @@ class ShardedWriteHandler:
         if len(idx) == 0:
             return []
         order = idx[np.argsort(shard[idx], kind="stable")]
+        nsamples = ser[order, S_SMP_N]
+        # Columns records need canonical labels (read back from the keys) and no histograms.
+        if self.record_format == "columns" and not (ser[order, S_FLAGS] & (NEEDS_SLOW_PATH | HAS_HISTOGRAMS)).any():
+            return self._split_columns(req, order, shard[order], nsamples, now_ms)
         starts, ends = ser[:, S_SPAN_START], ser[:, S_SPAN_END]
         lengths = ends[order] - starts[order]
         cum = np.zeros(len(order) + 1, dtype=np.int64)
         np.cumsum(lengths, out=cum[1:])
         out = np.empty(int(cum[-1]), dtype=np.uint8)
         _gather(req.buf, starts, ends, order, out)
-        nsamples = ser[order, S_SMP_N]
         smp = np.zeros(len(order) + 1, dtype=np.int64)
         np.cumsum(nsamples, out=smp[1:])
         ordered_shards = shard[order]
@@ -295,6 +311,40 @@ class ShardedWriteHandler:
                 snappy = bytes(cramjam.snappy.compress_raw(piece))
                 parts.append(_Part(k, encode_record(now_ms, snappy), msg_id(piece, self._names[k]),
                                    j - a, int(smp[j] - smp[a]), int(cum[j] - cum[a])))
+                a = j
+        return parts
+
+    def _split_columns(self, req: writerequest.WriteRequest, order: np.ndarray, ordered_shards: np.ndarray,
+                       nsamples: np.ndarray, now_ms: int) -> list[_Part]:
+        """``split`` into columns records (``store.shardrecord``): the series ``order`` (sorted by
+        shard), cut so that no block exceeds ``max_part_bytes``."""
+        ser = req.series
+        key_off, key_len = ser[:, S_KEY_OFF], ser[:, S_KEY_LEN]
+        klen = key_len[order]
+        cum = np.zeros(len(order) + 1, dtype=np.int64)  # block bytes of the series, header aside
+        np.cumsum(8 + klen + 16 * nsamples, out=cum[1:])
+        kcum = np.zeros(len(order) + 1, dtype=np.int64)
+        np.cumsum(klen, out=kcum[1:])
+        keys = np.empty(int(kcum[-1]), dtype=np.uint8)
+        _gather(req.keys, key_off, key_off + key_len, order, keys)
+        smp = np.zeros(len(order) + 1, dtype=np.int64)
+        np.cumsum(nsamples, out=smp[1:])
+        # The samples of each series are contiguous in the request, series after series.
+        first = ser[order, S_SMP_START]
+        sidx = np.repeat(first - smp[:-1], nsamples) + np.arange(int(smp[-1]), dtype=np.int64)
+        ts, vbits = req.ts[sidx], req.vbits[sidx]
+        bounds = np.flatnonzero(np.diff(ordered_shards)) + 1
+        limit = self.max_part_bytes - shardrecord.block_size(0, 0, 0)
+        parts = []
+        for a, b in zip([0, *bounds.tolist()], [*bounds.tolist(), len(order)]):
+            k = int(ordered_shards[a])
+            while a < b:
+                j = int(np.searchsorted(cum, cum[a] + limit, side="right")) - 1
+                j = min(max(j, a + 1), b)
+                block = shardrecord.encode_block(klen[a:j], nsamples[a:j], ts[smp[a]:smp[j]],
+                                                 vbits[smp[a]:smp[j]], keys[kcum[a]:kcum[j]])
+                parts.append(_Part(k, shardrecord.encode_record(now_ms, block), msg_id(block, self._names[k]),
+                                   j - a, int(smp[j] - smp[a]), len(block)))
                 a = j
         return parts
 

@@ -3,7 +3,8 @@
 Every replica of a shard reads the same stream through its own durable consumer and
 applies each record in stream order exactly as ``store.db`` applies its local WAL
 (``decode_record`` -> snappy -> ``writerequest.decode`` -> ``Head.append`` with the
-writer's clock from the record). ``Head.append`` is deterministic given the head and
+writer's clock from the record), or, for the adapter's columns records
+(``store.shardrecord``), with the request read from the record's columns. ``Head.append`` is deterministic given the head and
 ``now_ms``, so replicas that applied the same sequences hold the same data, the same
 rejections included.
 
@@ -55,7 +56,7 @@ import nats.js.errors
 from nats.js import api
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from store import writerequest
+from store import shardrecord, writerequest
 from store.db import DBOptions, decode_record, persisted_through
 from store.errors import CheckpointMismatch, DecodeError, LogTruncated, LogUnavailable, UnsupportedVersion, WALError
 from store.head import Head, HeadOptions
@@ -511,9 +512,12 @@ class HeadReplica:
             self._m.applied_seq.set(seq)
             return
         try:
-            # UnsupportedVersion is not caught: the replica stops, it needs an upgrade.
-            now_ms, body = decode_record(record)
-            req = writerequest.decode(cramjam.snappy.decompress_raw(body).read())
+            if shardrecord.is_columns(record):  # the adapter's decoded columns: nothing to scan
+                now_ms, req = shardrecord.decode_record(record)
+            else:
+                # UnsupportedVersion is not caught: the replica stops, it needs an upgrade.
+                now_ms, body = decode_record(record)
+                req = writerequest.decode(cramjam.snappy.decompress_raw(body).read())
         except (DecodeError, cramjam.DecompressionError) as e:
             # The same bytes fail the same way on every replica, so skipping keeps them alike.
             self._m.skipped.inc()

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from adapter.sharded_write import ShardedWriteHandler, msg_id
-from store import writerequest
+from store import shardrecord, writerequest
 from store.db import decode_record
 from store.errors import LogUnavailable, WALError
 from store.head import Head, HeadOptions
@@ -73,9 +73,12 @@ class FakeLog:
 
 
 def make_handler(n_shards: int = 3, **kw) -> tuple[ShardedWriteHandler, list[FakeLog], CollectorRegistry]:
+    """A handler on in-memory logs; protobuf records unless ``record_format`` says otherwise,
+    so that tests can compare the parts with the request byte for byte."""
     logs = [FakeLog() for _ in range(n_shards)]
     reg = CollectorRegistry()
     kw.setdefault("now", lambda: NOW_S)
+    kw.setdefault("record_format", "protobuf")
     return ShardedWriteHandler(topology(n_shards), logs, registry=reg, **kw), logs, reg
 
 
@@ -418,7 +421,7 @@ def test_publishes_to_replicated_streams_and_a_retry_is_stored_once(nats_cluster
         Shard(f"shard-{i}", f"fb-sw-{i}", (Replica("r0", f"127.0.0.1:{19300 + i}"),)) for i in range(3)))
     logs = [NatsLog(list(topo.nats), s.stream, replicas=3, timeout_s=10) for s in topo.shards]
     try:
-        h = ShardedWriteHandler(topo, logs, registry=CollectorRegistry())
+        h = ShardedWriteHandler(topo, logs, registry=CollectorRegistry(), record_format="protobuf")
         body = prompb_ref.write_request(many_series(200))
         other = prompb_ref.write_request(many_series(5, samples=1))
         for b in (body, body, other):  # the second: Prometheus' retry after a lost answer
@@ -449,3 +452,106 @@ def test_publishes_to_replicated_streams_and_a_retry_is_stored_once(nats_cluster
     finally:
         for lg in logs:
             lg.close()
+
+
+# ---- columns records (the default) -----------------------------------------------------------
+
+
+def apply_records(head: Head, records) -> list:
+    """Appends log records of either format as a head replica does; returns the rejections."""
+    out = []
+    for rec in records:
+        if shardrecord.is_columns(rec):
+            now_ms, req = shardrecord.decode_record(rec)
+        else:
+            now_ms, snappy = decode_record(rec)
+            req = writerequest.decode(bytes(cramjam.snappy.decompress_raw(snappy).read()))
+        r = head.append(req, now_ms)
+        out.append((r.appended, dict(r.rejected)))
+    return out
+
+
+def head_dump(head: Head) -> list:
+    from store.matchers import Matcher, MatchType
+
+    out = []
+    for s in head.select([Matcher(MatchType.RE, "__name__", ".+")], -(2**63), 2**63 - 1):
+        ts, vs = s.samples()
+        out.append((tuple(s.labels), ts.tolist(), np.asarray(vs, dtype=np.float64).view(np.uint64).tolist(),
+                    [(c.mint, c.maxt, bytes(c.data)) for c in s.chunks()]))
+    return sorted(out)
+
+
+def mixed_requests() -> list[bytes]:
+    """Requests whose samples a head accepts and rejects in every way the data allows: several
+    samples per series, out of order, duplicate timestamps with other values, NaN and stale
+    markers, non-ASCII label values, labels the adapter rejects, series without samples."""
+    stale = struct.unpack("<d", struct.pack("<Q", 0x7FF0000000000002))[0]
+    reqs = []
+    for k in range(6):
+        series = [([("__name__", f"m{i % 5}"), ("instance", f"h{i}"), ("zone", "zürich" if i % 3 else "a")],
+                   [(T0 + 15_000 * (k - 2 if k == 4 else k) + j * 1000, float(i + k) if j else float("nan"))
+                    for j in range(1 + i % 3)]) for i in range(120)]
+        series.append(([("__name__", "stale")], [(T0 + 15_000 * k, stale)]))
+        series.append(([("__name__", "empty")], []))
+        reqs.append(prompb_ref.write_request(series))
+    bad = raw_series([(b"__name__", b"bad"), (b"l", b"\xff\xfe")], [(T0, 1.0)])  # invalid UTF-8: 400
+    reqs.append(bad + prompb_ref.write_request([([("__name__", "ok")], [(T0, 2.0)])]))
+    return reqs
+
+
+def test_columns_records_append_exactly_as_the_protobuf_parts():
+    hc, cols, _ = make_handler(3, record_format="columns")
+    hp, pbs, _ = make_handler(3, record_format="protobuf")
+    statuses = []
+    for body in mixed_requests():
+        a, b = post(hc, body), post(hp, body)
+        assert (a.status, a.body) == (b.status, b.body)
+        statuses.append(a.status)
+    assert statuses == [204] * 6 + [400]
+    for c, p in zip(cols, pbs):
+        assert c.records and all(shardrecord.is_columns(rec) for _, rec in c.records)
+        assert not any(shardrecord.is_columns(rec) for _, rec in p.records)
+        hc_, hp_ = Head(), Head()
+        rc, rp = apply_records(hc_, [rec for _, rec in c.records]), apply_records(hp_, [rec for _, rec in p.records])
+        assert rc == rp and any(r for _, r in rc)  # the same rejections, and there are some
+        assert head_dump(hc_) == head_dump(hp_) and head_dump(hc_)
+
+
+def test_columns_records_are_smaller_than_max_part_bytes_and_retries_keep_their_ids():
+    clock = [NOW_S]
+    h, logs, _ = make_handler(2, record_format="columns", max_part_bytes=3000, now=lambda: clock[0])
+    body = prompb_ref.write_request(many_series(200, samples=5))
+    assert post(h, body).status == 204
+    first = [[mid for mid, _ in lg.records] for lg in logs]
+    keys = set()
+    for k, lg in enumerate(logs):
+        assert len(lg.records) > 1
+        for mid, rec in lg.records:
+            block = bytes(cramjam.snappy.decompress_raw(rec[9:]).read())
+            assert len(block) <= 3000 and mid == msg_id(block, f"shard-{k}")
+            _, req = shardrecord.decode_record(rec)
+            for i in range(req.num_series):
+                keys.add(req.key(i))
+                assert topology(2).shard_index(series_id(req.key(i))) == k
+    assert keys == set(series_spans(body))
+    clock[0] += 7.5  # Prometheus' retry, later: the same ids, stored once
+    assert post(h, body).status == 204
+    assert [[mid for mid, _ in lg.records] for lg in logs] == first
+
+
+@pytest.mark.parametrize("unsorted", [True, False], ids=["unsorted_labels", "native_histograms"])
+def test_requests_the_columns_cannot_carry_go_as_protobuf(unsorted):
+    h, logs, _ = make_handler(2, record_format="columns")
+    if unsorted:
+        body = prompb_ref.write_request([([("job", "a"), ("__name__", "u")], [(T0, 1.0)])])
+    else:
+        r = prompb_ref.WriteRequest()
+        ts = r.timeseries.add()
+        ts.labels.add(name="__name__", value="h")
+        ts.samples.add(timestamp=T0, value=1.5)
+        ts.histograms.add(timestamp=T0)
+        body = r.SerializeToString()
+    post(h, body)
+    records = [rec for lg in logs for _, rec in lg.records]
+    assert len(records) == 1 and not shardrecord.is_columns(records[0])
