@@ -194,11 +194,14 @@ class _Burst:
 
 
 class _Reads:
-    """A reader querying the querier twice a second; logs (start, end, ok) of every query."""
+    """A reader querying the querier twice a second; logs (start, end, ok) of every query and
+    why the failed ones failed. An empty answer is an answer: the replicas apply the log
+    asynchronously, so the first writes may not be visible yet."""
 
     def __init__(self, port_of) -> None:
         self._port_of = port_of
         self.log: list[tuple[float, float, bool]] = []
+        self.errors: list[tuple[float, str]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run)
 
@@ -207,9 +210,12 @@ class _Reads:
             start = time.monotonic()
             try:
                 doc = get_json(self._port_of(), "/api/v1/query", {"query": "count(cl_load)"})
-                ok = doc["status"] == "success" and bool(doc["data"]["result"])
-            except (OSError, AssertionError, ValueError):
+                ok = doc["status"] == "success"
+                if not ok or not doc["data"]["result"]:
+                    self.errors.append((start, str(doc)[:300]))
+            except (OSError, AssertionError, ValueError) as e:
                 ok = False
+                self.errors.append((start, f"{type(e).__name__}: {e}"[:300]))
             self.log.append((start, time.monotonic(), ok))
 
     def answered_after(self, kill: float) -> float | None:
@@ -417,7 +423,11 @@ def test_kill_9_replicas_nats_servers_and_adapter_under_load_in_rounds(cluster):
     slow = {what: s for what, s in answered.items() if s is None or s > RESUME_S}
     assert not slow, f"queries were not answered within {RESUME_S} s: {slow}"
     failed_reads = sum(not ok for _, _, ok in reads.log)
-    print(f"queries: {len(reads.log)}, failed: {failed_reads}")
+    print(f"queries: {len(reads.log)}, failed: {failed_reads}; failed or empty:")
+    for t, err in reads.errors:
+        before = [(k, what) for what, k in kills if k <= t]
+        where = f"{t - max(before)[0]:.2f} s after {max(before)[1]}" if before else "before the first kill"
+        print(f"  {where}: {err}")
 
     replicas = [n for n in cluster.processes if n.startswith("store-")]
     cluster.wait_ready(120, replicas)
