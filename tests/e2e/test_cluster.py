@@ -374,7 +374,8 @@ def test_kill_9_replicas_nats_servers_and_adapter_under_load_in_rounds(cluster):
         resumed(t)
 
         # Round 5, right after the adapter is back: a replica of shard-1, restarted at once and
-        # killed again as soon as it serves (while it replays), then restarted.
+        # killed again as soon as it serves /-/healthy (checkpoint loaded, maybe still replaying),
+        # then restarted.
         r = cluster.processes["store-shard-1-r2"]
         r.kill()
         killed("replica shard-1/r2, right after the adapter restart")
