@@ -333,6 +333,13 @@ def run_prometheus(args: argparse.Namespace, meta: dict) -> dict:
         phase["wall_s"]["replay"] = round(time.monotonic() - t0, 1)
     elif not os.path.isdir(os.path.join(d, "data")):
         sys.exit(f"--reuse-prometheus: no {d}/data")
+    else:  # keep the replay figures of the run that loaded the data
+        previous = os.path.join(args.work, "prometheus-phase.json")
+        if os.path.exists(previous):
+            old = json.load(open(previous))
+            if old.get("replay"):
+                phase["replay"] = {**old["replay"], "from_earlier_run": old.get("finished")}
+                phase["wall_s"]["replay"] = old["wall_s"].get("replay")
     t0 = time.monotonic()
     env = peers(args, "start", port, d)
     phase["wall_s"]["restart_to_ready"] = round(time.monotonic() - t0, 1)
@@ -701,7 +708,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--work", default="/tmp/bench/longrange")
-    ap.add_argument("--series", type=int, default=2000, help="rwload --series (default 2000: 2252 series)")
+    ap.add_argument("--series", type=int, default=5000, help="rwload --series (default 5000: 5241 series)")
     ap.add_argument("--days", type=int, default=7, help="days of data, and the dashboard's range")
     ap.add_argument("--margin-rounds", type=int, default=240, help="rounds beyond --days (default 240 = 1 h)")
     ap.add_argument("--regenerate", action="store_true", help="replace a dump of another shape")
