@@ -33,7 +33,7 @@ from store.matchers import Matcher
 from store.postings import MemPostings
 from store.changes import ChangeTracker
 from store.storage import SampleBudget, SelectHints
-from store.writerequest import HAS_HISTOGRAMS, NEEDS_SLOW_PATH, S_FLAGS, S_HIST, S_SMP_N, WriteRequest
+from store.writerequest import HAS_HISTOGRAMS, NEEDS_SLOW_PATH, S_FLAGS, S_HIST, S_SMP_N, S_SMP_START, WriteRequest
 from store.xorfast import encode as xor_encode
 
 INT64_MIN = np.iinfo(np.int64).min
@@ -47,6 +47,8 @@ REASON_TEXT = {
     "invalid_labels": "invalid labels",
     "native_histograms": "native histograms are not supported",
 }
+_NOT_CREATED = -2  # ref of a new series none of whose samples could be appended
+
 _STATUS_REASON = {K.OUT_OF_ORDER: "out_of_order", K.DUPLICATE: "duplicate_timestamp", K.OUT_OF_BOUNDS: "out_of_bounds"}
 
 
@@ -207,16 +209,25 @@ class Head:
         """Applies a decoded request; deterministic given the head's state and ``now_ms``."""
         result = AppendResult()
         with self._lock:
-            refs = self._resolve(req, result)
-            self._append_samples(req, refs, now_ms, result)
+            bounds = self._bounds(now_ms)
+            refs = self._resolve(req, result, bounds)
+            self._append_samples(req, refs, bounds, result)
         if self._m_appended is not None:
             self._m_appended.inc(result.appended)
             for reason, (n, _) in result.rejected.items():
                 self._m_rejected.labels(reason).inc(n)
         return result
 
-    def _resolve(self, req: WriteRequest, result: AppendResult) -> np.ndarray:
-        """Series refs of the request, creating new series; -1 for rejected series."""
+    def _bounds(self, now_ms: int) -> tuple[int, int]:
+        """The oldest and newest timestamps an append may have now (ms)."""
+        o = self.options
+        min_valid = INT64_MIN if self._max_t == INT64_MIN else self._max_t - o.out_of_bounds_window_ms
+        return max(min_valid, self._min_valid), now_ms + o.max_ahead_ms
+
+    def _resolve(self, req: WriteRequest, result: AppendResult, bounds: tuple[int, int]) -> np.ndarray:
+        """Series refs of the request, creating new series; -1 for rejected series, _NOT_CREATED
+        for new series none of whose samples is within ``bounds`` (as Prometheus checks the
+        minimum valid time before it creates a series)."""
         ns = req.num_series
         refs = np.empty(ns, dtype=np.int64)
         ser = req.series
@@ -229,6 +240,12 @@ class Head:
                 if ser[i, S_SMP_N]:
                     result.reject("invalid_labels", int(ser[i, S_SMP_N]), err)
                 continue
+            if refs[i] < 0:  # new: only if a sample may be appended
+                a, n = int(ser[i, S_SMP_START]), int(ser[i, S_SMP_N])
+                t = req.ts[a:a + n]
+                if n and not ((t >= bounds[0]) & (t <= bounds[1])).any():
+                    refs[i] = _NOT_CREATED
+                    continue
             refs[i] = self._get_or_create(labels)
         hist = np.flatnonzero((ser[:, S_FLAGS] & HAS_HISTOGRAMS) != 0)
         if len(hist):
@@ -290,16 +307,15 @@ class Head:
             K.insert(t_hash, t_ref, np.uint64(h), r)
         self._t_hash, self._t_ref = t_hash, t_ref
 
-    def _append_samples(self, req: WriteRequest, refs: np.ndarray, now_ms: int, result: AppendResult) -> None:
+    def _append_samples(self, req: WriteRequest, refs: np.ndarray, bounds: tuple[int, int],
+                        result: AppendResult) -> None:
         n = req.num_samples
         if n == 0:
             return
         srefs = refs[req.sample_series] if req.num_series else np.empty(0, np.int64)
         status = np.empty(n, dtype=np.int8)
         o = self.options
-        min_valid = INT64_MIN if self._max_t == INT64_MIN else self._max_t - o.out_of_bounds_window_ms
-        min_valid = max(min_valid, self._min_valid)
-        max_valid = now_ms + o.max_ahead_ms
+        min_valid, max_valid = bounds
         i = 0
         while True:
             i, self._n_chunks, self._arena_used = K.append(
@@ -310,6 +326,9 @@ class Head:
             if i >= n:
                 break
             self._grow_chunks()
+        not_created = srefs == _NOT_CREATED
+        if not_created.any():
+            status[not_created] = K.OUT_OF_BOUNDS
         counts = np.bincount(status, minlength=6)
         result.appended = int(counts[K.OK])
         if result.appended:
@@ -319,11 +338,16 @@ class Head:
         for code, reason in _STATUS_REASON.items():
             if counts[code]:
                 j = int(np.argmax(status == code))
-                result.reject(reason, int(counts[code]), self._example(code, srefs[j], int(req.ts[j]), min_valid,
+                result.reject(reason, int(counts[code]), self._example(code, req, int(req.sample_series[j]),
+                                                                        srefs[j], int(req.ts[j]), min_valid,
                                                                         max_valid))
 
-    def _example(self, code: int, ref: int, t: int, min_valid: int, max_valid: int) -> str:
-        s = f"series {self._labels[ref]} timestamp {t}"
+    def _example(self, code: int, req: WriteRequest, i: int, ref: int, t: int, min_valid: int, max_valid: int) -> str:
+        if ref >= 0:
+            lbls = str(self._labels[ref])
+        else:  # not created: the request's labels, validated and so printable as Prometheus prints them
+            lbls, _ = self._validate(req.label_pairs(i))
+        s = f"series {lbls} timestamp {t}"
         if code == K.OUT_OF_ORDER:
             return f"{s} is before the series' last sample at {int(self._last_ts[ref])}"
         if code == K.DUPLICATE:

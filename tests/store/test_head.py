@@ -100,6 +100,23 @@ def test_out_of_bounds_too_old_and_too_far_ahead():
     assert s.samples()[1].tolist() == [2.0, 3.0]
 
 
+def test_a_new_series_whose_samples_are_all_out_of_bounds_is_not_created():
+    head = Head(HeadOptions(out_of_bounds_window_ms=2**62, max_ahead_ms=600_000))
+    head.set_min_valid_time(10_000)
+    res = _append(head, [({"__name__": f"old{i}"}, [(500, 1.0), (600, 2.0)]) for i in range(3)]
+                  + [({"__name__": "mixed"}, [(500, 1.0), (20_000, 2.0)]),
+                     ({"__name__": "ahead"}, [(NOW + 600_001, 1.0)])])
+    assert res.appended == 1
+    n, example = res.rejected["out_of_bounds"]
+    assert n == 8 and 'series {__name__="old0"} timestamp 500 is older than the accepted minimum 10000' == example
+    assert head.num_series() == 1  # only "mixed": as Prometheus, no empty series for rejected samples
+    [s] = head.select([Matcher(MatchType.RE, "__name__", ".+")], MIN, MAX)
+    assert s.labels.name == "mixed" and s.samples()[0].tolist() == [20_000]
+    # A later, valid sample creates the series as usual.
+    assert _append(head, [({"__name__": "old0"}, [(30_000, 3.0)])]).appended == 1
+    assert head.num_series() == 2
+
+
 @pytest.mark.parametrize("pairs,why", [
     ([("__name__", "a"), ("job", "x"), ("job", "y")], "duplicate label name"),
     ([("job", "x")], "missing metric name"),
