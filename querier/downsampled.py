@@ -243,21 +243,21 @@ def _counter_view(labels: Labels, pieces: list[Piece], mint: int, maxt: int) -> 
         if a is not None:
             aggs.append(a)
     aggs = trim_overlaps(aggs)
-    ts_parts, v_parts = [], []
-    for a, off in zip(aggs, counter_offsets(aggs)):
-        # Two points per interval, at its first and its last sample (one if they are the same),
-        # so a window of one interval still has two points for rate().
-        st, sc = a.starts()
-        both = st != a.t
-        n = len(a.t) + int(both.sum())
-        t = np.empty(n, dtype=np.int64)
-        v = np.empty(n)
-        last = np.arange(len(a.t)) + np.cumsum(both)
-        t[last], v[last] = a.t, a.counter
-        first = last[both] - 1
-        t[first], v[first] = st[both], sc[both]
-        ts_parts.append(t)
-        v_parts.append(v + off if off else v)
-    if not ts_parts:
+    if not aggs:
         return ViewSeries(labels, np.zeros(0, dtype=np.int64), np.zeros(0), None)
-    return ViewSeries(labels, np.concatenate(ts_parts), np.concatenate(v_parts), None)
+    offsets = counter_offsets(aggs)
+    end_t = np.concatenate([a.t for a in aggs]) if len(aggs) > 1 else aggs[0].t
+    end_c = np.concatenate([a.counter + off if off else a.counter for a, off in zip(aggs, offsets)])
+    starts = [a.starts() for a in aggs]
+    start_t = np.concatenate([st for st, _ in starts]) if len(aggs) > 1 else starts[0][0]
+    start_c = np.concatenate([sc + off if off else sc for (_, sc), off in zip(starts, offsets)])
+    # Two points per interval, at its first and its last sample (one if they are the same), so a
+    # window of one interval still has two points for rate().
+    both = start_t != end_t
+    last = np.arange(len(end_t)) + np.cumsum(both)
+    t = np.empty(len(end_t) + int(last[-1] - len(end_t) + 1), dtype=np.int64)
+    v = np.empty(len(t))
+    t[last], v[last] = end_t, end_c
+    first = last[both] - 1
+    t[first], v[first] = start_t[both], start_c[both]
+    return ViewSeries(labels, t, v, None)
