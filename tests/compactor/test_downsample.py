@@ -10,6 +10,8 @@ import math
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from compactor.compactor import Compactor
@@ -417,3 +419,24 @@ def test_version_and_resolution_must_agree(bucket, changes, match):
     bucket.upload(f"{m.ulid}/meta.json", _json.dumps(doc).encode())
     with pytest.raises(CorruptBlock, match=match):
         BlockReader(bucket, m.ulid).select([ANY], 0, DAY)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), cuts=st.lists(st.integers(1, 47), min_size=0, max_size=6, unique=True),
+       resets=st.integers(0, 8))
+def test_any_split_into_blocks_joins_back_to_the_whole(seed, cuts, resets):
+    """Property: 5m aggregates of a series cut into blocks at any window boundaries, joined and
+    re-aggregated to 1h, equal the 1h aggregates of the whole series."""
+    rng = np.random.default_rng(seed)
+    ts = scrape_times(0, 48 * HOUR // 4, rng)  # 12 h
+    vs = counter_with_resets(ts, rng, resets)
+    edges = [0] + sorted(c * HOUR // 4 for c in cuts) + [48 * HOUR // 4]
+    blocks = [downsample_raw(ts[(ts >= a) & (ts < b)], vs[(ts >= a) & (ts < b)], RES_5M)
+              for a, b in zip(edges, edges[1:])]
+    hourly = downsample_aggregates([b for b in blocks if b is not None], RES_1H)
+    direct = downsample_raw(ts, vs, RES_1H)
+    for name in ("t", "count", "min", "max", "start_t"):
+        assert getattr(hourly, name).tolist() == getattr(direct, name).tolist(), name
+    assert hourly.counter == pytest.approx(direct.counter, rel=1e-12)
+    assert hourly.start_counter == pytest.approx(direct.start_counter, rel=1e-12)
+    assert hourly.sum == pytest.approx(direct.sum, rel=1e-12)
