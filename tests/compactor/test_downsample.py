@@ -440,3 +440,47 @@ def test_any_split_into_blocks_joins_back_to_the_whole(seed, cuts, resets):
     assert hourly.counter == pytest.approx(direct.counter, rel=1e-12)
     assert hourly.start_counter == pytest.approx(direct.start_counter, rel=1e-12)
     assert hourly.sum == pytest.approx(direct.sum, rel=1e-12)
+
+
+def test_flashback_up_downsamples_and_answers_long_steps_from_5m_data(tmp_path):
+    """``flashback up`` with the default compactor options (but a short interval): a raw block
+    in its bucket gets a 5m block, and a query with a long step reads it and says so."""
+    import time as _time
+
+    from flashback.app import App
+    from flashback.config import CompactorOptions, Options
+    from store.block import write_block
+    from tests.e2e.harness import get_json, wait_until
+
+    bucket_dir = tmp_path / "bucket"
+    bucket = FilesystemBucket(bucket_dir)
+    window = 28 * HOUR
+    now = int(_time.time() * 1000)
+    start = now // window * window - 2 * window  # a closed 28 h window, aligned as the compactor's
+    data = dataset(start, start + window)
+    series = sorted((Labels.from_pairs(ls), np.array([t for t, _ in smp]), np.array([v for _, v in smp]))
+                    for ls, smp in data)
+    raw = write_block(bucket, series, min_time=start, max_time=start + window)
+    app = App(Options(listen_port=0, data_dir=str(tmp_path / "data"),
+                      bucket={"type": "FILESYSTEM", "config": {"directory": str(bucket_dir)}},
+                      compactor=CompactorOptions(interval_s=0.2)))
+    app.start()
+    try:
+        wait_until(lambda: len(live(bucket, RES_5M)) == 1, 30, "a 5m block of the raw block")
+        (five,) = live(bucket, RES_5M)
+        assert five.sources == raw.sources and (five.min_time, five.max_time) == (raw.min_time, raw.max_time)
+        port = app.address[1]
+        params = {"query": "sum(rate(requests_total[5m]))", "start": (start + HOUR) / 1000,
+                  "end": (start + window - HOUR) / 1000, "step": 2400}
+
+        def answered() -> bool:  # the querier lists the bucket again every 30 s
+            return any("resolution 5m" in i for i in get_json(port, "/api/v1/query_range", params).get("infos", []))
+
+        wait_until(answered, 45, "the query to read the 5m block")
+        raw_answer = get_json(port, "/api/v1/query_range", {**params, "max_source_resolution": "raw"})
+        down = get_json(port, "/api/v1/query_range", params)
+        a = [float(v) for _, v in raw_answer["data"]["result"][0]["values"]]
+        b = [float(v) for _, v in down["data"]["result"][0]["values"]]
+        assert len(a) == len(b) > 30 and max(abs(x - y) / abs(x) for x, y in zip(a, b)) < 1e-9
+    finally:
+        app.close()
