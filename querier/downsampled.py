@@ -7,11 +7,11 @@ Resolution choice (Thanos' ``max_source_resolution`` and auto-downsampling):
   (default). ``auto`` is a
   fifth of the evaluation step (Thanos' rule: at least five raw samples'
   worth of step per downsampled point), and raw for instant queries.
-* A range selector is never answered coarser than its range, so every window
-  covers at least one whole interval (for ``rate`` two points: its first and
-  last sample), and coarser than half its range for functions read from
-  interval averages (below); a plain selector (no range) at most 5m, the
-  default lookback.
+* For ``rate``/``increase``/``irate`` a resolution may equal the range; for
+  ``count|sum|avg|min|max_over_time`` too when the windows are made of whole
+  intervals (``aligned``), else at most half the range; other functions read
+  interval averages and need at least two intervals per window, and a plain
+  selector (no range) reads at most 5m, the default lookback.
 * Per time range the coarsest live downsampled block at or below that
   resolution answers; ranges no such block covers read raw data (head and raw
   blocks) as before. A query without downsampled blocks takes the raw path
@@ -23,8 +23,12 @@ to raw ones (tolerances in ``store/docs/format/block.md``):
 
 * ``rate``, ``increase``, ``irate``: the counter aggregate, one reset-adjusted
   counter continued across blocks and raw ranges (``store.aggregates``), at
-  each interval's first and last sample (two points per interval: a rate over a
-  window of one interval works, where Thanos' one point per interval does not).
+  each interval's first and last sample: two points per interval, so a rate
+  over a window of one interval works (Thanos' one point per interval gives
+  none) and, when windows are made of whole intervals (range, step and first
+  evaluation time multiples of the resolution, as with Grafana's aligned
+  steps), matches raw. When windows cut intervals, a point at each window's
+  first and last millisecond is added, interpolated linearly between those.
   Raw ranges and finer blocks in the same selection are aggregated on the fly
   to the selection's coarsest resolution, so points are evenly spaced.
 * ``max_over_time``/``min_over_time``/``sum_over_time``: the max/min/sum
@@ -89,6 +93,17 @@ def parse_max_source_resolution(value: str, duration: Callable[[str], int]) -> i
     return ms
 
 
+def aligned(hints: SelectHints, resolution: int) -> bool:
+    """Whether every window ``(t - range, t]`` of the selection's evaluation starts and ends on
+    interval boundaries of ``resolution``: the range and the step are multiples of it, and so is
+    the first evaluation time (``hints.start + range - 1``, as the engine selects)."""
+    if hints.range <= 0 or hints.range % resolution:
+        return False
+    if hints.step > 0:
+        return hints.step % resolution == 0 and (hints.start + hints.range - 1) % resolution == 0
+    return hints.end % resolution == 0
+
+
 def max_resolution(hints: SelectHints | None, requested: int | None) -> int:
     """The coarsest resolution (ms) a selection with ``hints`` may read; 0 for raw only."""
     if hints is None:
@@ -98,7 +113,16 @@ def max_resolution(hints: SelectHints | None, requested: int | None) -> int:
         return 0
     if hints.range <= 0:
         return min(res, PLAIN_MAX_RESOLUTION)
-    return min(res, hints.range if hints.func in WHOLE_INTERVAL_FUNCS else hints.range // 2)
+    if hints.func not in WHOLE_INTERVAL_FUNCS:
+        return min(res, hints.range // 2)
+    # A window of whole intervals is answered from them (for counters from each interval's first
+    # and last sample); one cutting intervals needs at least two of them, except for counters,
+    # which get points at the windows' edges (``view``).
+    for r in (RES_1H, RES_5M):
+        whole = aligned(hints, r) or hints.func in COUNTER_FUNCS
+        if r <= res and r <= (hints.range if whole else hints.range // 2):
+            return r
+    return 0
 
 
 class Segment(NamedTuple):
@@ -182,10 +206,29 @@ def _not_stale(ts: np.ndarray, vs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ts, vs
 
 
-def view(labels: Labels, pieces: list[Piece], func: str, mint: int, maxt: int) -> ViewSeries:
-    """One series' pieces (in time order) as the points function ``func`` reads."""
+def window_edges(hints: SelectHints) -> np.ndarray:
+    """The first and last millisecond of every window ``(t - range, t]`` of the selection's
+    evaluation (times as the engine selects: the first ``t`` is ``hints.start + range - 1``)."""
+    if hints.step > 0:
+        ts = np.arange(hints.start + hints.range - 1, hints.end + 1, hints.step, dtype=np.int64)
+    else:
+        ts = np.array([hints.end], dtype=np.int64)
+    return np.unique(np.concatenate((ts - hints.range + 1, ts)))
+
+
+def view(labels: Labels, pieces: list[Piece], func: str, mint: int, maxt: int,
+         edges: np.ndarray | None = None) -> ViewSeries:
+    """One series' pieces (in time order) as the points function ``func`` reads.
+
+    Counters get a point at each interval's first and last sample, so a window of whole
+    intervals, even of one, has its first and last sample as raw data has. ``edges``, for
+    windows that cut intervals, adds a point at each window's first and last millisecond,
+    interpolated linearly between those: otherwise such a window would hold a pair of points
+    a scrape apart around an interval boundary, and rate's extrapolation, which measures gaps
+    in average point spacings, would extrapolate it by seconds instead of minutes.
+    """
     if func in COUNTER_FUNCS:
-        return _counter_view(labels, pieces, mint, maxt)
+        return _counter_view(labels, pieces, mint, maxt, edges)
     ts_parts, v_parts, w_parts = [], [], []
     for p in pieces:
         if p.aggregates is None:
@@ -224,7 +267,8 @@ def view(labels: Labels, pieces: list[Piece], func: str, mint: int, maxt: int) -
     return ViewSeries(labels, ts, vs, ws if func in WEIGHTED_FUNCS else None)
 
 
-def _counter_view(labels: Labels, pieces: list[Piece], mint: int, maxt: int) -> ViewSeries:
+def _counter_view(labels: Labels, pieces: list[Piece], mint: int, maxt: int,
+                  edges: np.ndarray | None) -> ViewSeries:
     # Every piece at the coarsest resolution among them (raw samples and finer blocks aggregated
     # on the fly), so points are evenly spaced: rate's extrapolation, which measures the gap to
     # the window's edges in average point spacings, would otherwise extrapolate a window that
@@ -260,4 +304,10 @@ def _counter_view(labels: Labels, pieces: list[Piece], mint: int, maxt: int) -> 
     t[last], v[last] = end_t, end_c
     first = last[both] - 1
     t[first], v[first] = start_t[both], start_c[both]
+    if edges is not None and len(t) > 1:
+        extra = np.setdiff1d(edges[(edges > t[0]) & (edges < t[-1])], t)  # sorted, unique
+        if len(extra):
+            at = np.searchsorted(t, extra)
+            ev = np.interp(extra, t, v)
+            t, v = np.insert(t, at, extra), np.insert(v, at, ev)
     return ViewSeries(labels, t, v, None)

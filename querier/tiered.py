@@ -28,7 +28,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from querier.downsampled import (
-    MIN_RESOLUTION, RESOLUTIONS, Piece, Segment, max_resolution, plan_resolutions, resolution_note, view,
+    COUNTER_FUNCS, MIN_RESOLUTION, RESOLUTIONS, Piece, Segment, aligned, max_resolution, plan_resolutions,
+    resolution_note, view, window_edges,
 )
 from store.block import BlockCaches, BlockReader
 from store.bucket import Bucket
@@ -226,7 +227,10 @@ class TieredQuerier:
                 if note not in hints.notes:
                     hints.notes.append(note)
         func = hints.func if hints is not None else ""
-        return [view(lb, pieces[lb], func, mint, maxt) for lb in sorted(pieces)]
+        edges = None
+        if hints is not None and hints.func in COUNTER_FUNCS and not aligned(hints, max(s.resolution for s in plan)):
+            edges = window_edges(hints)
+        return [view(lb, pieces[lb], func, mint, maxt, edges) for lb in sorted(pieces)]
 
     def label_names(self, matchers: Sequence[Matcher], mint: int, maxt: int) -> list[str]:
         names: set[str] = set()
