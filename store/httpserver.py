@@ -104,6 +104,12 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
         pass
 
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body are separate writes: without TCP_NODELAY, Nagle's algorithm holds the
+        # body of a small response until the client's delayed ACK of the headers (~40 ms).
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def _serve(self) -> None:
         start = time.perf_counter()
         url = urllib.parse.urlsplit(self.path)
