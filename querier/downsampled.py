@@ -305,9 +305,11 @@ def _counter_view(labels: Labels, pieces: list[Piece], mint: int, maxt: int,
     first = last[both] - 1
     t[first], v[first] = start_t[both], start_c[both]
     if edges is not None and len(t) > 1:
-        extra = np.setdiff1d(edges[(edges > t[0]) & (edges < t[-1])], t)  # sorted, unique
+        extra = edges[np.searchsorted(edges, t[0], "right"):np.searchsorted(edges, t[-1], "left")]
+        at = np.searchsorted(t, extra)  # edges sorted and unique, strictly inside t's range
+        new = t[at] != extra
+        extra, at = extra[new], at[new]
         if len(extra):
-            at = np.searchsorted(t, extra)
             ev = np.interp(extra, t, v)
             t, v = np.insert(t, at, extra), np.insert(v, at, ev)
     return ViewSeries(labels, t, v, None)
