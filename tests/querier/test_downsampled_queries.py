@@ -130,14 +130,27 @@ def test_unaligned_steps_stay_within_one_interval_of_raw(tiers):
     ("rate(requests_total[1h])", 0.01, 0.05),
 ], ids=["rate-5m", "increase-10m", "rate-1h"])
 def test_unaligned_counter_windows_read_5m_data_with_interpolated_edges(tiers, expr, median, worst):
-    """A step of 2419 s (qload's for 7 days) cuts intervals: counters still read 5m data, with
-    points at the windows' edges; the test counter's increments are uniform in [0, 10) per
+    """A step of 2419 s (qload's for 7 days) cuts intervals: counters asked for 5m data read it,
+    with points at the windows' edges; the test counter's increments are uniform in [0, 10) per
     scrape, so a 5m window's own rate varies by ~13 % around the interval's."""
-    raw, ds = run_both(tiers, expr, step=2_419_000, start=2 * HOUR + 17_000)
+    raw, ds = run_both(tiers, expr, step=2_419_000, start=2 * HOUR + 17_000, resolution=RES_5M)
     assert resolution_note(RES_5M) in ds.infos
     pairs = compare(raw, ds)
     err = np.abs(pairs[:, 1] - pairs[:, 0]) / pairs[:, 0]
     assert np.median(err) <= median and err.max() <= worst, (float(np.median(err)), float(err.max()))
+
+
+@pytest.mark.parametrize("expr,reads_5m", [
+    ("rate(requests_total[5m])", False),
+    ("increase(requests_total[10m])", False),
+    ("max_over_time(temperature[30m])", False),
+    ("rate(requests_total[1h])", True),  # 12 intervals: within 3% (above)
+], ids=["rate-5m", "increase-10m", "max-30m", "rate-1h"])
+def test_auto_reads_unaligned_windows_raw_unless_they_span_many_intervals(tiers, expr, reads_5m):
+    raw, ds = run_both(tiers, expr, step=2_419_000, start=2 * HOUR + 17_000)
+    assert (resolution_note(RES_5M) in ds.infos) == reads_5m
+    if not reads_5m:
+        assert matrix(ds) == matrix(raw)
 
 
 def test_unaligned_over_time_windows_of_one_interval_read_raw(tiers):
@@ -166,13 +179,26 @@ def test_raw_tail_from_the_head_joins_the_downsampled_counter(tmp_path):
 
 
 def test_resolution_choice():
-    hints = lambda step, rng=0, func="": SelectHints(0, 1, step, rng, func)  # noqa: E731
+    def hints(step, rng=0, func="", first=10 * DAY):
+        # As the engine selects: from the first window's start; ``first`` is the first step.
+        return SelectHints(first - rng + 1, first + DAY, step, rng, func)
+
     assert max_resolution(None, None) == 0
-    assert max_resolution(hints(0, 3_600_000), None) == 0  # instant queries read raw data
-    assert max_resolution(hints(STEP, 3_600_000), None) == STEP // 5  # auto: a fifth of the step
-    assert max_resolution(hints(STEP, 300_000, "rate"), None) == 300_000  # at most the range
-    assert max_resolution(hints(STEP, 300_000, "quantile_over_time"), None) == 150_000  # averages: half
-    assert max_resolution(hints(5 * HOUR), None) == RES_5M  # plain selectors: at most the lookback
+    # auto: downsampled only where answers stay close to raw.
+    assert max_resolution(hints(0, HOUR, "rate"), None) == 0  # instant queries read raw data
+    assert max_resolution(hints(STEP, HOUR, "avg_over_time"), None) == RES_5M  # aligned windows
+    assert max_resolution(hints(5 * HOUR, 3 * HOUR, "sum_over_time"), None) == RES_1H  # a fifth of the step
+    assert max_resolution(hints(STEP, 300_000, "rate"), None) == RES_5M  # one whole interval
+    assert max_resolution(hints(2_419_000, 300_000, "rate"), None) == 0  # cut intervals, few of them
+    assert max_resolution(hints(2_419_000, HOUR, "increase"), None) == RES_5M  # cut, but 12 intervals
+    assert max_resolution(hints(2_419_000, HOUR, "max_over_time"), None) == 0  # cut: not for over_time
+    assert max_resolution(hints(STEP, HOUR, "quantile_over_time"), None) == 0  # interval averages: raw
+    assert max_resolution(hints(STEP, HOUR, "irate"), None) == 0
+    assert max_resolution(hints(5 * HOUR), None) == 0  # plain selectors: raw
+    assert max_resolution(hints(STEP, HOUR, "avg_over_time", first=10 * DAY + 60_000), None) == 0  # off the boundaries
+    # explicit: Thanos' rules and approximations.
+    assert max_resolution(hints(STEP, 300_000, "quantile_over_time"), RES_5M) == 150_000  # averages: half
+    assert max_resolution(hints(5 * HOUR), RES_5M) == RES_5M  # plain selectors: at most the lookback
     assert max_resolution(hints(5 * HOUR, 3 * HOUR), RES_5M) == RES_5M  # the request's cap
     assert max_resolution(hints(5 * HOUR, 3 * HOUR), 0) == 0
     assert max_resolution(hints(0, 3 * HOUR), RES_1H) == RES_1H  # an explicit resolution, instant too
@@ -209,13 +235,17 @@ def test_max_source_resolution_raw_answers_exactly_as_raw(tiers):
     assert matrix(ds) == matrix(raw) and ds.infos == raw.infos
 
 
-def test_plain_selectors_and_other_functions_read_interval_averages(tiers):
-    raw, ds = run_both(tiers, "temperature")
+def test_plain_selectors_and_other_functions_read_interval_averages_when_asked(tiers):
+    raw, ds = run_both(tiers, "temperature", resolution=RES_5M)
     pairs = compare(raw, ds)
     # A plain selector reads the average of the last interval instead of the last sample.
     assert np.abs(pairs[:, 1] - pairs[:, 0]).max() <= 40
-    raw, ds = run_both(tiers, "stddev_over_time(temperature[1h])")
+    raw, ds = run_both(tiers, "stddev_over_time(temperature[1h])", resolution=RES_5M)
     assert resolution_note(RES_5M) in ds.infos and matrix(ds).keys() == matrix(raw).keys()
+    # auto keeps them raw: exact answers.
+    for expr in ("temperature", "stddev_over_time(temperature[1h])", "irate(requests_total[1h])"):
+        raw, ds = run_both(tiers, expr)
+        assert matrix(ds) == matrix(raw) and resolution_note(RES_5M) not in ds.infos
 
 
 def test_api_max_source_resolution_and_infos(tiers):
