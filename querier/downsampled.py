@@ -8,9 +8,9 @@ Resolution choice (Thanos' ``max_source_resolution`` and auto-downsampling):
   at least five raw samples' worth of step per downsampled point), raw for
   instant queries, and unlike Thanos it reads downsampled data only where the
   answer stays within the tight tolerances (``_auto_resolution``): rates and
-  ``*_over_time`` over windows of whole intervals, rates over windows cutting
-  intervals that span at least 12 of them; plain selectors, ``irate`` and
-  other functions read raw. An explicit resolution accepts Thanos' approximations:
+  ``*_over_time`` over windows of whole intervals; plain selectors, ``irate``,
+  other functions and windows cutting intervals read raw. An explicit
+  resolution accepts Thanos' approximations:
 * For ``rate``/``increase``/``irate`` a resolution may equal the range; for
   ``count|sum|avg|min|max_over_time`` too when the windows are made of whole
   intervals (``aligned``), else at most half the range; other functions read
@@ -108,9 +108,6 @@ def aligned(hints: SelectHints, resolution: int) -> bool:
     return hints.end % resolution == 0
 
 
-# ``auto`` reads a counter's rate from windows cutting intervals only when they span at least this
-# many intervals (interpolated edges: within 3% of raw at 12, see store/docs/format/block.md).
-AUTO_MIN_INTERVALS_UNALIGNED = 12
 AUTO_FUNCS = frozenset(("rate", "increase")) | WEIGHTED_FUNCS | {"max_over_time", "min_over_time", "sum_over_time"}
 
 
@@ -138,26 +135,19 @@ def max_resolution(hints: SelectHints | None, requested: int | None) -> int:
 
 
 def _auto_resolution(hints: SelectHints) -> int:
-    """``auto``: downsampled data only where the answer stays as close to raw as documented
-    (exact, or for rates over many intervals within 3%): a fifth of the step at most, and
-
-    * ``*_over_time`` (but quantile and the like), ``rate`` and ``increase`` over windows of whole
-      intervals (Grafana's aligned steps, ranges a multiple of the resolution);
-    * ``rate`` and ``increase`` over windows cutting intervals that span at least
-      ``AUTO_MIN_INTERVALS_UNALIGNED`` of them;
-    * raw for everything else: plain selectors (an interval's average is not its last sample),
-      ``irate``, other functions, short unaligned windows. ``max_source_resolution`` set
-      explicitly gives Thanos' approximations for those too.
+    """``auto``: downsampled data only where the answer stays as close to raw as documented (exact
+    for ``*_over_time``, rates within 5%): at most a fifth of the step, and only for
+    ``count|sum|avg|min|max_over_time``, ``rate`` and ``increase`` over windows of whole intervals
+    (Grafana's aligned steps with ranges a multiple of the resolution). Everything else reads raw:
+    plain selectors (an interval's average is not its last sample), ``irate``, other functions,
+    and windows cutting intervals (interpolated edges are far off for sparse counters).
+    ``max_source_resolution`` set explicitly gives Thanos' approximations for those too.
     """
     res = hints.step // 5 if hints.step > 0 else 0
     if res <= 0 or hints.range <= 0 or hints.func not in AUTO_FUNCS:
         return 0
     for r in (RES_1H, RES_5M):
-        if r > res:
-            continue
-        if aligned(hints, r) and r <= hints.range:
-            return r
-        if hints.func in ("rate", "increase") and hints.range >= AUTO_MIN_INTERVALS_UNALIGNED * r:
+        if r <= res and r <= hints.range and aligned(hints, r):
             return r
     return 0
 
