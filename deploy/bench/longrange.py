@@ -69,7 +69,9 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from typing import Sequence
 
 import numpy as np
 import yaml
@@ -181,15 +183,20 @@ def replay(args: argparse.Namespace, url: str, pid: int, meta: dict) -> dict:
 # -- phase 4: measuring -----------------------------------------------------------------------
 
 
-def query_range(meta: dict, days: int) -> tuple[float, float, int]:
+def query_range(meta: dict, days: int, step: int = 0) -> tuple[float, float, int]:
+    """qload's range (step ~ window/250), or with ``step`` (s) start and end aligned to that step."""
     import qload
 
+    if step:
+        end = math.floor(meta["last_ts_ms"] / 1000 / step) * step
+        return end - step * math.ceil(days * 86400 / step), end, step
     ns = argparse.Namespace(end=meta["last_ts_ms"] / 1000, meta=None, window=days * 86400, points=250)
     return qload.time_range(ns)
 
 
-def dashboard_pass(url: str, pid: int, rng: tuple[float, float, int]) -> dict:
-    """Every query once, one at a time; latency, status and answer per query, the server's CPU."""
+def dashboard_pass(url: str, pid: int, rng: tuple[float, float, int], params: Sequence[tuple[str, str]] = ()) -> dict:
+    """Every query once, one at a time; latency, status and answer per query, the server's CPU.
+    ``params`` are added to every request (e.g. ``max_source_resolution``)."""
     import qload
 
     client = qload.Client(url)
@@ -198,7 +205,10 @@ def dashboard_pass(url: str, pid: int, rng: tuple[float, float, int]) -> dict:
     cpu0, busy0, t0 = cpu_seconds(pid), machine_busy_seconds(), time.perf_counter()
     for name, q in qload.QUERIES.items():
         c0, q0 = cpu_seconds(pid), time.perf_counter()
-        status, body = client.query_range(qload.form(q, start, end, step))
+        form = qload.form(q, start, end, step)
+        if params:
+            form += b"&" + urllib.parse.urlencode(list(params)).encode()
+        status, body = client.query_range(form)
         seconds = time.perf_counter() - q0
         # The server's CPU during the query: steadier than wall-clock on a shared machine (it
         # includes the server's background threads, e.g. Flashback's compactor and checkpoints).
@@ -242,11 +252,11 @@ def percentiles(seconds: list[float]) -> dict:
 
 
 def measure(url: str, pid: int, meta: dict, args: argparse.Namespace) -> tuple[dict, dict]:
-    rng = query_range(meta, args.days)
+    rng = query_range(meta, args.days, args.step)
     log(f"measure {url}: range {rng[0]:.0f}..{rng[1]:.0f} step {rng[2]} s; cold pass")
-    cold, cold_bodies = dashboard_pass(url, pid, rng)
+    cold, cold_bodies = dashboard_pass(url, pid, rng, args.param)
     log("warm pass")
-    warm, warm_bodies = dashboard_pass(url, pid, rng)
+    warm, warm_bodies = dashboard_pass(url, pid, rng, args.param)
     return ({"range": {"start": rng[0], "end": rng[1], "step": rng[2]}, "cold": cold, "warm": warm},
             {"cold": cold_bodies, "warm": warm_bodies})
 
@@ -581,7 +591,8 @@ def run_flashback(args: argparse.Namespace, meta: dict) -> dict:
             # on-disk cache (__pycache__) the first time a checkout runs them, as any deployment
             # does once; without this pass the first checkout's "cold" numbers include compiling.
             t0 = time.monotonic()
-            phase["prime"], _ = dashboard_pass(fb.url, fb.proc.pid, query_range(meta, args.days))
+            phase["prime"], _ = dashboard_pass(fb.url, fb.proc.pid, query_range(meta, args.days, args.step),
+                                               args.param)
             phase["wall_s"]["prime"] = round(time.monotonic() - t0, 1)
         phase["wall_s"]["stop_before_cold"] = fb.stop()
         # Cold: a new process. Its first compactor pass (catalog refresh, watermark) is left to
@@ -727,6 +738,11 @@ def main() -> None:
                     help="skip the untimed dashboard pass before Flashback's cold restart (it fills numba's cache)")
     ap.add_argument("--query-timeout", default="10m", help="flashback query.timeout (default 10m)")
     ap.add_argument("--concurrency", type=int, default=2, help="rwload connections (default 2)")
+    ap.add_argument("--step", type=int, default=0,
+                    help="query step in s, start/end aligned to it (default: qload's, ~window/250: 2419 s)")
+    ap.add_argument("--param", action="append", default=[], type=lambda kv: tuple(kv.split("=", 1)),
+                    metavar="NAME=VALUE", help="added to every query, e.g. max_source_resolution=5m "
+                    "(Prometheus ignores it)")
     ap.add_argument("--rel-tol", type=float, default=0.05, help="answers compared within this (default 0.05)")
     ap.add_argument("--abs-tol", type=float, default=1e-9)
     ap.add_argument("--prom-port", type=int)
