@@ -479,12 +479,12 @@ class Head:
                 c_mint=self._c_mint, c_maxt=self._c_maxt, c_off=self._c_off, c_len=self._c_len,
                 c_next=self._c_next, arena=self._arena)
             last_ts, last_vb, s_mint = self._last_ts[:n].copy(), self._last_vb[:n].copy(), self._s_mint[:n].copy()
-            max_t = self._max_t
-        return self._checkpoint_iter(labels, snap, last_ts, last_vb, s_mint, max_t)
+            max_t, min_valid = self._max_t, self._min_valid
+        return self._checkpoint_iter(labels, snap, last_ts, last_vb, s_mint, max_t, min_valid)
 
     @staticmethod
-    def _checkpoint_iter(labels, snap, last_ts, last_vb, s_mint, max_t) -> Iterator[tuple[bytes, bytes]]:
-        yield b"h", struct.pack("<Bq", CHECKPOINT_VERSION, max_t)
+    def _checkpoint_iter(labels, snap, last_ts, last_vb, s_mint, max_t, min_valid) -> Iterator[tuple[bytes, bytes]]:
+        yield b"h", struct.pack("<Bqq", CHECKPOINT_VERSION, max_t, min_valid)
         for k, lbls in enumerate(labels):
             key = lbls.canonical()
             parts = [struct.pack("<BI", CHECKPOINT_VERSION, len(key)), key,
@@ -511,6 +511,8 @@ class Head:
                                              f"{CHECKPOINT_VERSION})")
                 if key == b"h":
                     self._max_t = struct.unpack_from("<q", value, 1)[0]
+                    if len(value) >= 17:  # written since the minimum valid time was kept
+                        self._min_valid = max(self._min_valid, struct.unpack_from("<q", value, 9)[0])
                 elif key[:1] == b"s":
                     self._load_series(value)
 
