@@ -6,7 +6,7 @@ sequence number, and each bucket remembers the last sequence that wrote into it.
 ``seq`` before it evaluates a query, records the time ranges the evaluation read, and later keeps
 its answer while ``last_change`` over those ranges is still at most that sequence. A late write into
 a range invalidates exactly the answers that read that range (to the bucket's resolution; a batch
-spanning a few buckets marks the buckets between its oldest and newest sample).
+marks every bucket between its oldest and newest sample).
 
 The buckets form one array over the time span seen so far, growing at either end up to
 ``max_buckets``. Past that the oldest buckets are folded into the first one, which then stands for
@@ -18,9 +18,6 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-
-_SPAN_AS_RANGE = 8  # a batch covering at most this many buckets marks its whole span
-
 
 class ChangeTracker:
     """Last write sequence per time bucket (thread-safe; ``record`` is cheap enough for every append)."""
@@ -41,23 +38,18 @@ class ChangeTracker:
         """The sequence of the latest recorded batch (0 before the first)."""
         return self._seq
 
-    def record(self, ts: np.ndarray) -> None:
-        """Marks the buckets of the timestamps (ms) of one batch of appended samples."""
-        if len(ts) == 0:
-            return
+    def record(self, mint: int, maxt: int) -> None:
+        """Marks the buckets of one batch of appended samples, whose timestamps (ms) span
+        ``[mint, maxt]``: every bucket in between (marking too much is safe, only less cached)."""
         r = self.resolution_ms
-        lo, hi = int(ts.min()) // r, int(ts.max()) // r
+        lo, hi = mint // r, maxt // r
         with self._lock:
             self._cover(lo, hi)
             self._seq += 1
             if lo < self._base:
                 self._folded = True
             a, b = self._clamp(lo), self._clamp(hi)
-            if b - a < _SPAN_AS_RANGE:
-                self._last[a:b + 1] = self._seq
-            else:
-                idx = np.unique(np.clip(ts // r - self._base, 0, len(self._last) - 1))
-                self._last[idx] = self._seq
+            self._last[a:b + 1] = self._seq
 
     def last_change(self, mint: int, maxt: int) -> int:
         """The sequence of the latest batch that wrote into ``[mint, maxt]`` (ms); 0 if none did."""
@@ -75,21 +67,28 @@ class ChangeTracker:
         return min(max(bucket - self._base, 0), len(self._last) - 1)
 
     def _cover(self, lo: int, hi: int) -> None:
-        """Grows the array to cover ``[lo, hi]`` (bucket numbers); keeps the newest ``max_buckets``,
-        folding older buckets into the first."""
+        """Grows the array to cover ``[lo, hi]`` (bucket numbers), with room to spare so that it
+        is not copied at every new bucket; keeps the newest ``max_buckets``, folding older buckets
+        into the first."""
         n = len(self._last)
         end = self._base + n - 1
         if n and lo >= self._base and hi <= end:
             return
         new_lo, new_hi = (min(lo, self._base), max(hi, end)) if n else (lo, hi)
+        slack = max(1024, (new_hi - new_lo + 1) // 4)
+        if not n or hi > end:
+            new_hi += slack
+        if n and lo < self._base:
+            new_lo -= slack
         if new_hi - new_lo + 1 > self.max_buckets:
             new_lo = new_hi - self.max_buckets + 1
         grown = np.zeros(new_hi - new_lo + 1, dtype=np.int64)
         if n:
-            keep_from = max(self._base, new_lo)  # first old bucket still in range
-            k = keep_from - self._base
-            grown[keep_from - new_lo:keep_from - new_lo + n - k] = self._last[k:]
+            keep_from = max(self._base, new_lo)  # the first old bucket still in range
+            k = min(keep_from - self._base, n)  # old buckets that fall below it
+            if k < n:
+                grown[keep_from - new_lo:keep_from - new_lo + n - k] = self._last[k:]
             if k > 0:
-                grown[0] = max(grown[0], int(self._last[:k].max()))
+                grown[0] = max(int(grown[0]), int(self._last[:k].max()))
                 self._folded = True
         self._base, self._last = new_lo, grown

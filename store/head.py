@@ -333,8 +333,9 @@ class Head:
         result.appended = int(counts[K.OK])
         if result.appended:
             ok_ts = req.ts if result.appended == n else req.ts[status == K.OK]
-            self._max_t = max(self._max_t, int(ok_ts.max()))
-            self.changes.record(ok_ts)
+            lo, hi = int(ok_ts.min()), int(ok_ts.max())
+            self._max_t = max(self._max_t, hi)
+            self.changes.record(lo, hi)
         for code, reason in _STATUS_REASON.items():
             if counts[code]:
                 j = int(np.argmax(status == code))

@@ -399,18 +399,35 @@ def test_merge_and_trim_keep_series_order_and_annotations(head):
 
 
 def test_change_tracker_marks_buckets_and_folds_the_oldest():
-    c = ChangeTracker(resolution_ms=1000, max_buckets=100)
+    c = ChangeTracker(resolution_ms=1000, max_buckets=2000)
     assert c.last_change(0, 10**9) == 0
-    c.record(np.array([5_500, 7_200]))
+    c.record(5_500, 7_200)
     assert c.seq == 1
-    assert c.last_change(5_000, 5_999) == 1 and c.last_change(6_000, 6_999) == 1  # a short batch: its span
+    assert c.last_change(5_000, 5_999) == 1 and c.last_change(6_000, 6_999) == 1  # the batch's span
     assert c.last_change(0, 4_999) == 0 and c.last_change(8_000, 50_000) == 0
-    c.record(np.array([10_000, 90_000]))  # a long batch: only its own buckets
-    assert c.last_change(10_000, 10_999) == 2 and c.last_change(50_000, 60_000) == 0
-    c.record(np.array([300_000]))  # beyond max_buckets: the oldest fold into the first bucket
-    assert c.last_change(300_000, 300_000) == 3
+    c.record(10_000, 90_000)
+    assert c.last_change(50_000, 60_000) == 2 and c.last_change(91_000, 10**6) == 0
+    c.record(3_000_000, 3_000_000)  # beyond max_buckets: the oldest fold into the first bucket
+    assert c.last_change(3_000_000, 3_000_000) == 3
     assert c.last_change(0, 1_000) == 2  # folded: stands for everything before it
-    assert c.last_change(250_000, 290_000) == 0
+    assert c.last_change(3_001_000, 3_500_000) == 0
+
+
+@pytest.mark.parametrize("batches", [
+    [(0, 2), (14, 14)],                       # a jump past the whole array: nothing old is kept
+    [(100, 100), (0, 0), (5000, 5000)],       # growing down, then a jump up
+    [(10**6, 10**6), (0, 10**6)],             # a batch wider than max_buckets
+    [(0, 0)] + [(t, t) for t in range(1, 3000, 7)],  # minute after minute
+])
+def test_change_tracker_never_forgets_a_write(batches):
+    """Whatever the jumps, a range a batch wrote into reports that batch or a later one."""
+    c = ChangeTracker(resolution_ms=1, max_buckets=10)
+    for seq, (lo, hi) in enumerate(batches, 1):
+        c.record(lo, hi)
+        for s, (a, b) in enumerate(batches[:seq], 1):
+            assert c.last_change(a, b) >= s
+        assert c.last_change(lo, hi) == seq
+        assert c.last_change(hi + 10**7, hi + 2 * 10**7) == 0
 
 
 def test_api_range_queries_go_through_the_front(head):
