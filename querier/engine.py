@@ -77,7 +77,7 @@ def selector_matchers(vs: pp.VectorSelector) -> list[Matcher]:
     return out
 
 
-_TOO_MANY = "query processing would load too many samples into memory in query execution"
+TOO_MANY_SAMPLES = "query processing would load too many samples into memory in query execution"
 
 
 @dataclass
@@ -121,7 +121,7 @@ class EvalContext:
         """Counts ``n`` samples held in memory against ``max_samples``."""
         self.samples += n
         if self.samples > self.max_samples:
-            raise TooManySamples(_TOO_MANY)
+            raise TooManySamples(TOO_MANY_SAMPLES)
 
     def on_grid(self, steps: np.ndarray, interval: int) -> "EvalContext":
         # The annotation lists are shared with the outer context on purpose.
@@ -330,7 +330,7 @@ def select(ctx: EvalContext, vs: pp.VectorSelector, mint: int, maxt: int, range_
         labels = [s.labels for s in series]
         flat = head_flatten(series)  # one gather for a head selection
     except SampleLimitExceeded:
-        raise TooManySamples(_TOO_MANY) from None
+        raise TooManySamples(TOO_MANY_SAMPLES) from None
     if flat is not None:
         ts, vals, offsets = flat
     else:

@@ -54,8 +54,8 @@ from typing import Callable, Hashable, Iterator, Protocol, Sequence
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from querier.engine import Engine
-from querier.errors import QueryCanceled, QueryTimeout
+from querier.engine import TOO_MANY_SAMPLES, Engine
+from querier.errors import QueryCanceled, QueryTimeout, TooManySamples
 from querier.values import RangeSeries, Result
 from store.cache import Cache, CacheMetrics
 from store.labels import Labels
@@ -282,8 +282,7 @@ class QueryFrontend:
                                                  lambda xs: sum(x.nbytes for x in xs), cache_metrics)
         self._lock = threading.Lock()
         self._flights: dict[Hashable, _Flight] = {}
-        self._m_splits = self._m_evals = self._m_shared = None
-        self._m_queue = None
+        self._m_splits = self._m_queue = None
         if registry is not None:
             self._m_splits = Counter("flashback_query_frontend_splits_total",
                                      "Splits of range queries, by where their answer came from.", ["source"],
@@ -310,26 +309,32 @@ class QueryFrontend:
                 raise QueryCanceled("query was canceled in query queue")
             parts.append(self._split(base + (s // self._interval,), querier, expr, s, e, step, deadline, lookback,
                                      cancelled))
-        return merge(parts)
+        result = merge(parts)
+        # Each split kept within max_samples; the answer they make up together must too.
+        if sum(len(s.timestamps) for s in result.data) > self.engine.max_samples:  # type: ignore[union-attr]
+            raise TooManySamples(TOO_MANY_SAMPLES)
+        return result
 
     def _split(self, key: tuple, querier, expr: str, start: int, end: int, step: int, deadline: float,
                lookback: int, cancelled) -> Result:
-        hit = self._lookup(key, start, end)
-        if hit is not None:
-            self._count("cache")
-            return hit
         flight_key = (key, start, end)
-        with self._lock:
-            flight = self._flights.get(flight_key)
-            leader = flight is None
+        while True:
+            hit = self._lookup(key, start, end)
+            if hit is not None:
+                self._count("cache")
+                return hit
+            with self._lock:
+                flight = self._flights.get(flight_key)
+                leader = flight is None
+                if leader:
+                    flight = self._flights[flight_key] = _Flight()
+                else:
+                    flight.waiters += 1
             if leader:
-                flight = self._flights[flight_key] = _Flight()
-            else:
-                flight.waiters += 1
-        if not leader:
-            remaining = deadline - time.monotonic()
-            if not flight.done.wait(max(0.0, remaining)):
-                raise QueryTimeout("query timed out in query queue")
+                break
+            self._follow(flight, deadline, cancelled)
+            if isinstance(flight.error, (QueryCanceled, QueryTimeout)):
+                continue  # the leader's own client went away or its deadline passed, not ours: try again
             if flight.error is not None:
                 raise flight.error
             self._count("shared")
@@ -351,6 +356,15 @@ class QueryFrontend:
             with self._lock:
                 del self._flights[flight_key]
             flight.done.set()
+
+    @staticmethod
+    def _follow(flight: _Flight, deadline: float, cancelled: Callable[[], bool] | None) -> None:
+        """Waits for another request's evaluation, until this request's deadline or cancellation."""
+        while not flight.done.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                raise QueryTimeout("query timed out in query queue")
+            if cancelled is not None and cancelled():
+                raise QueryCanceled("query was canceled in query queue")
 
     def _evaluate(self, querier, expr, start, end, step, deadline, lookback, cancelled
                   ) -> tuple[Result, _RecordingQuerier]:

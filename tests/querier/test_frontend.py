@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from querier.api import QueryAPI
 from querier.engine import Engine
-from querier.errors import QueryTimeout
+from querier.errors import QueryCanceled, QueryTimeout, TooManySamples
 from querier.frontend import (AllChanges, BlockChanges, HeadChanges, QueryFrontend, QueryGate, merge, splits,
                               trim)
 from querier.tiered import BucketBlocks, TieredQuerier
@@ -346,6 +346,54 @@ def test_errors_of_a_shared_evaluation_reach_every_waiter(head):
         t.join(10)
     assert [str(e) for e in errors] == ["boom", "boom"]
     assert front._flights == {}
+
+
+def test_a_leader_cancelled_by_its_own_client_does_not_fail_its_followers(head):
+    front = QueryFrontend(Engine(), changes=None, split_interval_ms=DAY)
+    b = Blocking(head)
+    out, errors = [], []
+
+    def leader():
+        try:
+            # Its client goes away while it evaluates (the engine checks after each selection).
+            front.range(b, "temp", T0, T0 + H, 60_000, cancelled=b.release.is_set)
+        except QueryCanceled as e:
+            errors.append(e)
+
+    t1 = threading.Thread(target=leader)
+    t1.start()
+    assert b.entered.wait(10)
+    t2 = threading.Thread(target=lambda: out.append(front.range(b, "temp", T0, T0 + H, 60_000)))
+    t2.start()
+    _wait_for_waiters(front, 1)
+    b.release.set()
+    t1.join(10)
+    t2.join(10)
+    assert len(errors) == 1 and len(out) == 1 and b.calls == 2  # the follower evaluated it itself
+    _same(out[0], Engine().range(head, "temp", T0, T0 + H, 60_000))
+
+
+def test_a_follower_stops_waiting_when_its_own_client_goes_away(head):
+    front = QueryFrontend(Engine(), changes=None, split_interval_ms=DAY)
+    b = Blocking(head)
+    t = threading.Thread(target=lambda: front.range(b, "temp", T0, T0 + H, 60_000))
+    t.start()
+    assert b.entered.wait(10)
+    with pytest.raises(QueryCanceled, match="query was canceled in query queue"):
+        front.range(b, "temp", T0, T0 + H, 60_000, cancelled=lambda: True)
+    with pytest.raises(QueryTimeout, match="query timed out in query queue"):
+        front.range(b, "temp", T0, T0 + H, 60_000, timeout_s=0.2)
+    b.release.set()
+    t.join(10)
+    assert b.calls == 1
+
+
+def test_the_merged_answer_is_held_to_max_samples(head):
+    engine = Engine(max_samples=2000)
+    front = QueryFrontend(engine, changes=HeadChanges(head.changes), split_interval_ms=DAY)
+    front.range(lambda: head, "vector(1)", T0, T0 + DAY - 60_000, 60_000)  # 1440 points: fine
+    with pytest.raises(TooManySamples, match="query processing would load too many samples"):
+        front.range(lambda: head, "vector(1)", T0, T0 + 3 * DAY - 60_000, 60_000)  # 3 x 1440
 
 
 def test_gate_queues_up_to_the_deadline_and_cache_hits_pass_it(head):
