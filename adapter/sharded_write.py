@@ -88,7 +88,8 @@ class ShardLog(Protocol):
 
 
 def msg_id(part: bytes | np.ndarray, shard: str) -> str:
-    """The message id of a shard's part: its shard name and the XXH3-128 of its protobuf bytes.
+    """The message id of a shard's part: its shard name and the XXH3-128 of the part's bytes (its
+    protobuf spans, or its uncompressed columns block).
 
     It does not depend on the time or on the adapter, so a retry of the same request (by
     Prometheus, to this or another adapter) publishes the same ids.

@@ -59,9 +59,9 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter
 
-from compactor.compactor import _merged_series, _series_groups
+from compactor.compactor import _merged_series, _series_groups, _sources
 from store import ulid as ulids
-from store.aggregates import downsample_aggregates, downsample_raw
+from store.aggregates import RES_1H, RES_5M, downsample_aggregates, downsample_raw
 from store.block import (
     AggregateData, Aggregates, AggregateSeries, BlockMeta, BlockReader, verify_block, write_aggregate_block,
 )
@@ -71,8 +71,6 @@ from store.errors import CorruptBlock, IncompleteBlock
 from store.labels import Labels
 from store.storage import SelectHints
 
-RES_5M = 300_000
-RES_1H = 3_600_000
 DEFAULT_MIN_SPAN_1H_MS = 7 * 24 * 3_600_000
 
 
@@ -90,10 +88,6 @@ class DownsampleResult:
 
     written: list[BlockMeta] = field(default_factory=list)
     marked: list[str] = field(default_factory=list)
-
-
-def _sources(meta: BlockMeta) -> frozenset[str]:
-    return frozenset(meta.sources) or frozenset((meta.ulid,))
 
 
 class Downsampler:

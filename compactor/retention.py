@@ -34,14 +34,15 @@ from typing import Mapping, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from store.aggregates import RES_1H, RES_5M
 from store.block import META_FILE
 from store.bucket import DIR_DELIM, Bucket
 from store.catalog import BlockCatalog, DeletionMark, PartialBlock, delete_block, mark_for_deletion
 from store.errors import BucketError, CorruptDeletionMark, UnsupportedDeletionMarkVersion
 
 RESOLUTION_RAW = 0
-RESOLUTION_5M = 300_000
-RESOLUTION_1H = 3_600_000
+RESOLUTION_5M = RES_5M
+RESOLUTION_1H = RES_1H
 
 # Thanos' PartialUploadThresholdAge: an upload silent for this long is taken as aborted.
 DEFAULT_PARTIAL_AGE_S = 2 * 24 * 3600

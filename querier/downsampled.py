@@ -57,13 +57,12 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from store.aggregates import counter_offsets, downsample_aggregates, downsample_raw, trim_overlaps
+from querier.values import is_stale
+from store.aggregates import RES_1H, RES_5M, counter_offsets, downsample_aggregates, downsample_raw, trim_overlaps
 from store.block import Aggregates, BlockReader
 from store.labels import Labels
 from store.storage import ArraySeries, SelectHints
 
-RES_5M = 300_000
-RES_1H = 3_600_000
 RESOLUTIONS = (0, RES_5M, RES_1H)
 MIN_RESOLUTION = RES_5M  # below it a selection reads raw data without looking at downsampled blocks
 NAMES = {0: "raw", RES_5M: "5m", RES_1H: "1h"}
@@ -72,7 +71,6 @@ COUNTER_FUNCS = frozenset(("rate", "increase", "irate"))
 WEIGHTED_FUNCS = frozenset(("count_over_time", "avg_over_time"))
 # Functions answered exactly (or, for counters, from two points) by a window of one whole interval.
 WHOLE_INTERVAL_FUNCS = COUNTER_FUNCS | WEIGHTED_FUNCS | {"max_over_time", "min_over_time", "sum_over_time"}
-_STALE_NAN = np.array([0x7FF0000000000002], dtype=np.uint64).view(np.float64)[0]
 
 
 def parse_max_source_resolution(value: str, duration: Callable[[str], int]) -> int | None:
@@ -227,7 +225,7 @@ class ViewSeries(ArraySeries):
 
 
 def _not_stale(ts: np.ndarray, vs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    stale = vs.view(np.uint64) == _STALE_NAN.view(np.uint64) if len(vs) else np.zeros(0, dtype=bool)
+    stale = is_stale(vs)
     if stale.any():
         return ts[~stale], vs[~stale]
     return ts, vs

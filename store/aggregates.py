@@ -32,6 +32,9 @@ import numpy as np
 
 from store.block import Aggregates, interval_of
 
+RES_5M = 300_000  # the downsampled resolutions (ms): 5 minutes and 1 hour
+RES_1H = 3_600_000
+
 
 def reset_adjusted(values: np.ndarray) -> np.ndarray:
     """Counter values made monotonic: after a decrease (a reset) every later value is raised by

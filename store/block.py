@@ -946,8 +946,9 @@ def _meta_bytes(m: BlockMeta) -> int:
 
 class BlockCaches:
     """Caches shared by all readers of a bucket, each bounded by bytes (``store.cache``):
-    ``meta`` holds decoded meta.json files (for ``store.catalog``), ``index`` holds decoded index files and data-file footers, ``chunks`` decoded ``t``/``v``
-    column chunks per row group. Blocks never change, so entries never go stale."""
+    ``meta`` holds decoded meta.json files (for ``store.catalog``), ``index`` decoded index files
+    and data-file footers, ``chunks`` decoded column chunks per row group (``t``/``v``, or a
+    downsampled block's aggregates). Blocks never change, so entries never go stale."""
 
     def __init__(self, index_bytes: int = 256 << 20, chunks_bytes: int = 512 << 20,
                  metrics: CacheMetrics | None = None, meta_bytes: int = 16 << 20) -> None:

@@ -22,7 +22,7 @@ class CacheMetrics:
     """The metric families of all caches of one registry (create once per registry)."""
 
     def __init__(self, registry: CollectorRegistry | None) -> None:
-        kw = {"registry": registry} if registry is not None else {"registry": None}
+        kw = {"registry": registry}
         self.requests = Counter("flashback_cache_requests_total", "Cache lookups.", ["name"], **kw)
         self.hits = Counter("flashback_cache_hits_total", "Cache lookups that found the item.", ["name"], **kw)
         self.evictions = Counter("flashback_cache_evictions_total",

@@ -591,7 +591,7 @@ class RemoteHead:
         for msg in self._stream("Select", self._select_rpc, req):
             batch = decode_series_batch(msg)
             if budget is not None:  # charged per streamed batch, before anything is decoded
-                budget.take(sum(int.from_bytes(c.data[:2], "big") for _, chunks in batch for c in chunks))
+                budget.take(sum(xorfast.num_samples(c.data) for _, chunks in batch for c in chunks))
             out.extend(RemoteSeries(labels, chunks, mint, maxt) for labels, chunks in batch)
         return out
 
