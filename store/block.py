@@ -1020,9 +1020,12 @@ class BlockReader:
         index = self._caches.index.get(key)
         if index is None:
             index = self._read_index()
-            with self._lock:
-                self._index = None  # held by the (bounded) cache instead
-            self._caches.index.put(key, index)
+            if _index_bytes(index) <= self._caches.index.max_bytes:
+                with self._lock:
+                    self._index = None  # held by the (bounded) cache instead
+                self._caches.index.put(key, index)
+            # else larger than the whole cache: the reader keeps it, as without a cache, rather
+            # than reading it again for every selection
         return index
 
     def _load_footer(self, index: _Index) -> _Footer:
@@ -1033,9 +1036,10 @@ class BlockReader:
         footer = self._caches.index.get(key)
         if footer is None:
             footer = self._read_footer(index)
-            with self._lock:
-                self._footer = None
-            self._caches.index.put(key, footer)
+            if _index_bytes(footer) <= self._caches.index.max_bytes:
+                with self._lock:
+                    self._footer = None
+                self._caches.index.put(key, footer)
         return footer
 
     def _read_groups(self, footer: _Footer, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
