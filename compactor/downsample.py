@@ -148,8 +148,9 @@ class Downsampler:
                 verified, the next pass continues from the bucket's state.
         """
         result = DownsampleResult()
-        self._collect_garbage(result)
         blocks = self._ours()
+        if self._collect_garbage(result, blocks):
+            blocks = self._ours()  # a block was deleted
         live_raw = [b.meta for b in blocks if b.meta.resolution == 0 and b.hidden_by is None]
         covered5 = set().union(*(_sources(b.meta) for b in blocks if b.meta.resolution == RES_5M))
         for m in sorted(live_raw, key=lambda m: (m.min_time, m.ulid)):
@@ -159,7 +160,8 @@ class Downsampler:
             if meta is not None:
                 result.written.append(meta)
             covered5 |= _sources(m)
-        blocks = self._ours()
+        if result.written:
+            blocks = self._ours()  # the 5m blocks just written feed the 1h step
         covered1h = set().union(*(_sources(b.meta) for b in blocks if b.meta.resolution == RES_1H))
         fives = [b.meta for b in blocks if b.meta.resolution == RES_5M and b.hidden_by is None]
         for m in sorted(live_raw, key=lambda m: (m.min_time, m.ulid)):
@@ -176,8 +178,9 @@ class Downsampler:
 
     # -- steps ----------------------------------------------------------------------------------
 
-    def _collect_garbage(self, result: DownsampleResult) -> None:
-        blocks = {b.ulid: b for b in self._ours()}
+    def _collect_garbage(self, result: DownsampleResult, listed: list[CatalogBlock]) -> bool:
+        """Marks downsampled blocks another one holds; returns whether a block was deleted."""
+        blocks = {b.ulid: b for b in listed}
         for b in blocks.values():
             if b.meta.resolution == 0 or b.hidden_by is None or b.marked:
                 continue
@@ -192,7 +195,7 @@ class Downsampler:
                 self._log.error("corrupt downsampled block hides a sound one: deleting it", exc_info=True,
                                 extra={"block": container.ulid, "hidden": b.ulid})
                 delete_block(self._bucket, container.ulid)
-                return
+                return True
             _, uploaded = mark_for_deletion(self._bucket, b.ulid, f"its data is in block {container.ulid}",
                                             self._now() // 1000)
             if uploaded:
@@ -200,6 +203,7 @@ class Downsampler:
                 result.marked.append(b.ulid)
                 self._log.info("downsampled block marked for deletion",
                                extra={"block": b.ulid, "reason": f"contained in {container.ulid}"})
+        return False
 
     def _downsample_raw(self, raw: BlockMeta) -> BlockMeta | None:
         reader = BlockReader(self._bucket, raw.ulid, meta=raw)
