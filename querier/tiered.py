@@ -46,7 +46,15 @@ def merge_series(parts: list[Series]) -> Series:
     """One series from the same series' parts, in priority order: one sample per timestamp."""
     if len(parts) == 1:
         return parts[0]
-    arrays = [p.samples() for p in parts]
+    arrays = [a for a in (p.samples() for p in parts) if len(a[0])]
+    if not arrays:
+        return parts[0]
+    # Parts that do not overlap (consecutive blocks, the head after them) need no sort and have
+    # no timestamp in common: concatenated by time, whatever their priority.
+    by_time = sorted(arrays, key=lambda a: int(a[0][0]))
+    if all(by_time[i][0][-1] < by_time[i + 1][0][0] for i in range(len(by_time) - 1)):
+        return ArraySeries(parts[0].labels, np.concatenate([a[0] for a in by_time]),
+                           np.concatenate([a[1] for a in by_time]))
     ts = np.concatenate([a[0] for a in arrays])
     vs = np.concatenate([a[1] for a in arrays])
     order = np.argsort(ts, kind="stable")  # stable: an earlier part wins a tie

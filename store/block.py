@@ -1062,11 +1062,15 @@ class BlockReader:
             rows = np.diff(footer.rg_start)[missing].tolist()
             o = 0
             for g, n in zip(missing, rows):
-                # Copies when several groups were decoded at once: a cached slice would keep all alive.
-                part = (ts[o:o + n], vs[o:o + n]) if len(missing) == 1 else (ts[o:o + n].copy(), vs[o:o + n].copy())
+                # Views, not copies: the groups decoded together share their arrays, which live
+                # until the last of them is evicted (so the cache may briefly hold more than its
+                # bytes, never more than one selection's worth).
+                part = (ts[o:o + n], vs[o:o + n])
                 parts[g] = part
                 cache.put((self._ulid, g), part)
                 o += n
+            if len(missing) == len(groups):
+                return ts, vs  # all decoded just now, already in order
         if len(parts) == 1:
             return next(iter(parts.values()))
         order = groups.tolist()
@@ -1170,7 +1174,8 @@ class BlockReader:
             if i < j:
                 if budget is not None:
                     budget.take(int(j - i))
-                out.append(BlockSeries(index.labels[ref], st[i:j].copy(), sv[i:j].copy()))
+                # Views of the decoded (and cached) row groups: nothing writes into them.
+                out.append(BlockSeries(index.labels[ref], st[i:j], sv[i:j]))
         return out
 
     def _decode_groups(self, footer: _Footer, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
