@@ -1059,6 +1059,7 @@ class BlockReader:
                 parts[g] = hit
         if missing:
             ts, vs = self._decode_groups(footer, np.asarray(missing, dtype=np.int64))
+            ts.flags.writeable = vs.flags.writeable = False  # shared by the cache and every selection
             rows = np.diff(footer.rg_start)[missing].tolist()
             o = 0
             for g, n in zip(missing, rows):
