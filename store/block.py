@@ -1043,39 +1043,46 @@ class BlockReader:
         return footer
 
     def _read_groups(self, footer: _Footer, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Decoded ``t`` and ``v`` of the given row groups, concatenated in order; each row group's
-        columns come from the shared chunk cache when there is one, and missing ones are fetched
-        together."""
+        """Decoded ``t`` and ``v`` of the given row groups, concatenated in order."""
+        t, v = self._cached_groups(footer, groups, "raw",
+                                   lambda gs: tuple(self._read_columns(footer, gs, ("t", "v")).values()))
+        return t, v
+
+    def _cached_groups(self, footer: _Footer, groups: np.ndarray, kind: str,
+                       decode: Callable[[np.ndarray], tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+        """Arrays whose last axis runs over the rows of ``groups``, in order: each row group's
+        from the shared chunk cache when there is one, the missing ones decoded together by
+        ``decode(row groups)`` and cached per row group (``kind`` tells raw from aggregates).
+
+        The cache holds read-only views, not copies: row groups decoded together share their
+        arrays, which live until the last of them is evicted (so the cache may briefly hold more
+        than its bytes, never more than one selection's worth)."""
         cache = self._caches.chunks if self._caches is not None else None
         if cache is None or cache.max_bytes == 0:
-            return self._decode_groups(footer, groups)
-        parts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+            return decode(groups)
+        parts: dict[int, tuple[np.ndarray, ...]] = {}
         missing = []
         for g in groups.tolist():
-            hit = cache.get((self._ulid, g))
+            hit = cache.get((self._ulid, kind, g))
             if hit is None:
                 missing.append(g)
             else:
                 parts[g] = hit
         if missing:
-            ts, vs = self._decode_groups(footer, np.asarray(missing, dtype=np.int64))
-            ts.flags.writeable = vs.flags.writeable = False  # shared by the cache and every selection
-            rows = np.diff(footer.rg_start)[missing].tolist()
+            arrays = decode(np.asarray(missing, dtype=np.int64))
+            for a in arrays:
+                a.flags.writeable = False  # shared by the cache and every selection
             o = 0
-            for g, n in zip(missing, rows):
-                # Views, not copies: the groups decoded together share their arrays, which live
-                # until the last of them is evicted (so the cache may briefly hold more than its
-                # bytes, never more than one selection's worth).
-                part = (ts[o:o + n], vs[o:o + n])
-                parts[g] = part
-                cache.put((self._ulid, g), part)
+            for g, n in zip(missing, np.diff(footer.rg_start)[missing].tolist()):
+                parts[g] = tuple(a[..., o:o + n] for a in arrays)
+                cache.put((self._ulid, kind, g), parts[g])
                 o += n
             if len(missing) == len(groups):
-                return ts, vs  # all decoded just now, already in order
+                return arrays  # all decoded just now, already in order
         if len(parts) == 1:
             return next(iter(parts.values()))
         order = groups.tolist()
-        return (np.concatenate([parts[g][0] for g in order]), np.concatenate([parts[g][1] for g in order]))
+        return tuple(np.concatenate([parts[g][k] for g in order], axis=-1) for k in range(len(parts[order[0]])))
 
     def _read_index(self) -> _Index:
         with self._lock:
@@ -1179,30 +1186,6 @@ class BlockReader:
                 out.append(BlockSeries(index.labels[ref], st[i:j], sv[i:j]))
         return out
 
-    def _decode_groups(self, footer: _Footer, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Decoded ``t`` and ``v`` of the given row groups, concatenated in order (no cache)."""
-        ranges = sorted((int(o), int(n)) for o, n in footer.col_range[groups].reshape(-1, 2))
-        segments: list[tuple[int, bytes]] = []
-        cur_start, cur_end = ranges[0][0], ranges[0][0] + ranges[0][1]
-        for o, n in ranges[1:]:
-            if o - cur_end <= _COALESCE_GAP:
-                cur_end = max(cur_end, o + n)
-            else:
-                segments.append((cur_start, self._get_range(DATA_FILE, cur_start, cur_end - cur_start)))
-                cur_start, cur_end = o, o + n
-        segments.append((cur_start, self._get_range(DATA_FILE, cur_start, cur_end - cur_start)))
-        size = self._meta.file(DATA_FILE).size_bytes
-        rf = _RangeFile(size, segments, lambda o, k: self._get_range(DATA_FILE, o, k))
-        try:
-            pf = pq.ParquetFile(rf, metadata=footer.metadata, page_checksum_verification=True, pre_buffer=False)
-            table = pf.read_row_groups(groups.tolist(), columns=["t", "v"], use_threads=False)
-        except BlockError:
-            raise
-        except (pa.ArrowException, OSError, ValueError) as err:
-            raise CorruptBlock(f"{self._ctx(DATA_FILE)}: row groups {groups.tolist()[:10]} do not decode: {err}") from None
-        return (table.column("t").to_numpy().astype(np.int64, copy=False),
-                table.column("v").to_numpy().astype(np.float64, copy=False))
-
     def _select_aggregates(self, matchers: Sequence[Matcher], mint: int, maxt: int,
                            hints: SelectHints | None) -> list[AggregateSeries]:
         """``select`` of a downsampled block: the rows with ``mint <= t <= maxt`` as ``AggregateSeries``."""
@@ -1257,34 +1240,16 @@ class BlockReader:
 
     def _read_aggregate_groups(self, footer: _Footer, groups: np.ndarray) -> dict[str, np.ndarray]:
         """Decoded columns (but ``ref``) of the given row groups of a version 2 block, concatenated
-        in order; row groups come from the shared chunk cache when there is one (as ``_read_groups``),
-        packed as an int64 ``(3, rows)`` and a float64 ``(5, rows)`` array."""
+        in order, through the chunk cache as ``_read_groups`` (packed as an int64 ``(3, rows)`` and
+        a float64 ``(5, rows)`` array)."""
         ints = ("t", "count", "start_t")
         floats = ("sum", "min", "max", "counter_xor_max", "start_counter_xor_min")
-        cache = self._caches.chunks if self._caches is not None else None
-        if cache is None or cache.max_bytes == 0:
-            return _decode_counters(self._read_columns(footer, groups, ints + floats))
-        parts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        missing = []
-        for g in groups.tolist():
-            hit = cache.get((self._ulid, "aggregates", g))
-            if hit is None:
-                missing.append(g)
-            else:
-                parts[g] = hit
-        if missing:
-            cols = self._read_columns(footer, np.asarray(missing, dtype=np.int64), ints + floats)
-            i_all = np.stack([cols[n] for n in ints])
-            f_all = np.stack([cols[n] for n in floats])
-            o = 0
-            for g, n in zip(missing, np.diff(footer.rg_start)[missing].tolist()):
-                part = (i_all[:, o:o + n].copy(), f_all[:, o:o + n].copy())
-                parts[g] = part
-                cache.put((self._ulid, "aggregates", g), part)
-                o += n
-        order = groups.tolist()
-        i_cat = np.concatenate([parts[g][0] for g in order], axis=1)
-        f_cat = np.concatenate([parts[g][1] for g in order], axis=1)
+
+        def decode(gs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            cols = self._read_columns(footer, gs, ints + floats)
+            return np.stack([cols[n] for n in ints]), np.stack([cols[n] for n in floats])
+
+        i_cat, f_cat = self._cached_groups(footer, groups, "aggregates", decode)
         out = {n: i_cat[k] for k, n in enumerate(ints)}
         out.update({n: f_cat[k] for k, n in enumerate(floats)})
         return _decode_counters(out)
