@@ -33,7 +33,8 @@ from store.matchers import Matcher
 from store.postings import MemPostings
 from store.changes import ChangeTracker
 from store.storage import SampleBudget, SelectHints
-from store.writerequest import HAS_HISTOGRAMS, NEEDS_SLOW_PATH, S_FLAGS, S_HIST, S_SMP_N, S_SMP_START, WriteRequest
+from store.writerequest import (HAS_HISTOGRAMS, NEEDS_SLOW_PATH, S_FLAGS, S_HIST, S_KEY_LEN, S_KEY_OFF, S_SMP_N,
+                               S_SMP_START, WriteRequest)
 from store.xorfast import encode as xor_encode
 
 INT64_MIN = np.iinfo(np.int64).min
@@ -48,6 +49,7 @@ REASON_TEXT = {
     "native_histograms": "native histograms are not supported",
 }
 _NOT_CREATED = -2  # ref of a new series none of whose samples could be appended
+_VALIDATE = -3  # a new canonical series that failed the compiled checks: validated in Python
 
 _STATUS_REASON = {K.OUT_OF_ORDER: "out_of_order", K.DUPLICATE: "duplicate_timestamp", K.OUT_OF_BOUNDS: "out_of_bounds"}
 
@@ -232,8 +234,12 @@ class Head:
         refs = np.empty(ns, dtype=np.int64)
         ser = req.series
         K.lookup(self._t_hash, self._t_ref, self._key_off, self._key_len, self._keys,
-                 req.hashes, ser[:, 4], ser[:, 5], req.keys, refs)
-        for i in np.flatnonzero((refs < 0) | ((ser[:, S_FLAGS] & NEEDS_SLOW_PATH) != 0)).tolist():
+                 req.hashes, ser[:, S_KEY_OFF], ser[:, S_KEY_LEN], req.keys, refs)
+        slow = (ser[:, S_FLAGS] & NEEDS_SLOW_PATH) != 0
+        new = np.flatnonzero((refs < 0) & ~slow)
+        if len(new):
+            self._create_canonical(req, new, refs, bounds)
+        for i in np.flatnonzero(slow | (refs == _VALIDATE)).tolist():
             labels, err = self._validate(req.label_pairs(i))
             if err:
                 refs[i] = -1
@@ -254,6 +260,51 @@ class Head:
                               for n, v in req.label_pairs(i))
             result.reject("native_histograms", int(ser[hist, S_HIST].sum()), f"series {{{pairs}}}")
         return refs
+
+    def _create_canonical(self, req: WriteRequest, idx: np.ndarray, refs: np.ndarray,
+                          bounds: tuple[int, int]) -> None:
+        """Creates the new series ``idx`` of ``req`` whose keys the scanner found canonical, all at
+        once: the same checks as ``validate_labels`` run compiled over the keys, and a key that
+        fails them is marked ``_VALIDATE`` for the Python path, which words the error."""
+        ser = req.series
+        key_off, key_len = ser[:, S_KEY_OFF], ser[:, S_KEY_LEN]
+        ok = np.empty(len(idx), dtype=np.int8)
+        K.check_new_keys(req.keys, key_off, key_len, idx, self.options.name_validation == "legacy", ok)
+        bad = ok != K.KEY_OK
+        if bad.any():
+            refs[idx[bad]] = _VALIDATE
+            idx = idx[~bad]
+        in_bounds = np.empty(len(idx), dtype=np.bool_)
+        K.any_in_bounds(req.ts, ser[:, S_SMP_START], ser[:, S_SMP_N], idx, bounds[0], bounds[1], in_bounds)
+        if not in_bounds.all():
+            refs[idx[~in_bounds]] = _NOT_CREATED
+            idx = idx[in_bounds]
+        if not len(idx):
+            return
+        first = len(self._labels)
+        self._reserve(first + len(idx), int(key_len[idx].sum()))
+        created = np.empty(len(idx), dtype=np.int64)
+        n, self._keys_used, nc = K.insert_new(
+            self._t_hash, self._t_ref, self._key_off, self._key_len, self._keys, self._keys_used, first,
+            req.hashes, key_off, key_len, req.keys, idx, refs, created)
+        keys = req.keys
+        new = [Labels.from_canonical(keys[o:o + m].tobytes())
+               for o, m in zip(key_off[created[:nc]].tolist(), key_len[created[:nc]].tolist())]
+        self._labels.extend(new)
+        self._postings.add_many(first, new)
+        assert n == len(self._labels)
+
+    def _reserve(self, n_series: int, key_bytes: int) -> None:
+        """Room for ``n_series`` series in all and ``key_bytes`` more key bytes."""
+        while n_series > self._open_n.shape[0]:
+            self._grow_series()
+        if self._keys_used + key_bytes > self._keys.shape[0]:
+            self._keys = _grown(self._keys, self._keys_used + key_bytes)
+        size = self._t_ref.shape[0]
+        while 2 * n_series > size:
+            size *= 2
+        if size != self._t_ref.shape[0]:
+            self._rehash(size)
 
     def _validate(self, pairs: list[tuple[bytes, bytes]]) -> tuple[Labels | None, str]:
         return validate_labels(pairs, self.options.name_validation)
@@ -303,8 +354,7 @@ class Head:
     def _rehash(self, size: int) -> None:
         t_hash = np.zeros(size, dtype=np.uint64)
         t_ref = np.full(size, -1, dtype=np.int64)
-        for h, r in zip(self._t_hash[self._t_ref >= 0].tolist(), self._t_ref[self._t_ref >= 0].tolist()):
-            K.insert(t_hash, t_ref, np.uint64(h), r)
+        K.rehash(self._t_hash, self._t_ref, t_hash, t_ref)
         self._t_hash, self._t_ref = t_hash, t_ref
 
     def _append_samples(self, req: WriteRequest, refs: np.ndarray, bounds: tuple[int, int],

@@ -71,6 +71,173 @@ def insert(t_hash, t_ref, h, ref):
     t_ref[slot] = ref
 
 
+# Why ``check_new_keys`` sends a new series to the Python validation (which words the error).
+KEY_OK = 0
+KEY_INVALID = 1
+
+
+@numba.njit(cache=True, inline="always")
+def _utf8_ok(b, a, end):
+    """Whether b[a:end] is valid UTF-8 as Python decodes it (no surrogates, overlongs, > U+10FFFF)."""
+    p = a
+    while p < end:
+        c = b[p]
+        if c < 0x80:
+            p += 1
+            continue
+        if 0xC2 <= c <= 0xDF:
+            n, lo, hi = 1, 0x80, 0xBF
+        elif c == 0xE0:
+            n, lo, hi = 2, 0xA0, 0xBF
+        elif c == 0xED:
+            n, lo, hi = 2, 0x80, 0x9F
+        elif 0xE1 <= c <= 0xEF:
+            n, lo, hi = 2, 0x80, 0xBF
+        elif c == 0xF0:
+            n, lo, hi = 3, 0x90, 0xBF
+        elif 0xF1 <= c <= 0xF3:
+            n, lo, hi = 3, 0x80, 0xBF
+        elif c == 0xF4:
+            n, lo, hi = 3, 0x80, 0x8F
+        else:
+            return False
+        if p + n >= end:
+            return False
+        if not (lo <= b[p + 1] <= hi):
+            return False
+        for k in range(2, n + 1):
+            if not (0x80 <= b[p + k] <= 0xBF):
+                return False
+        p += n + 1
+    return True
+
+
+@numba.njit(cache=True, inline="always")
+def _legacy_ok(b, a, end, colon):
+    """Whether b[a:end] matches [a-zA-Z_][a-zA-Z0-9_]* (with ``colon``, ':' allowed anywhere too)."""
+    if a == end:
+        return False
+    for p in range(a, end):
+        c = b[p]
+        if (0x61 <= c <= 0x7A) or (0x41 <= c <= 0x5A) or c == 0x5F or (colon and c == 0x3A):
+            continue
+        if p > a and 0x30 <= c <= 0x39:
+            continue
+        return False
+    return True
+
+
+@numba.njit(cache=True, nogil=True)
+def check_new_keys(keys, key_off, key_len, idx, legacy, out):
+    """out[j] = KEY_OK if the canonical key of series idx[j] passes what a new series must
+    (every name and value valid UTF-8, a ``__name__``, and with ``legacy`` the legacy name
+    syntax), else KEY_INVALID. Keys come from the scanner's fast path: names sorted, unique and
+    non-empty, values non-empty, every name and value followed by 0xff."""
+    for j in range(idx.shape[0]):
+        i = idx[j]
+        p = key_off[i]
+        end = p + key_len[i]
+        ok = True
+        has_name = False
+        while p < end and ok:
+            q = p
+            while keys[q] != 0xFF:
+                q += 1
+            v = q + 1
+            w = v
+            while keys[w] != 0xFF:
+                w += 1
+            is_metric = (q - p == 8 and keys[p] == 0x5F and keys[p + 1] == 0x5F and keys[p + 2] == 0x6E
+                         and keys[p + 3] == 0x61 and keys[p + 4] == 0x6D and keys[p + 5] == 0x65
+                         and keys[p + 6] == 0x5F and keys[p + 7] == 0x5F)
+            if is_metric:
+                has_name = True
+            if not (_utf8_ok(keys, p, q) and _utf8_ok(keys, v, w)):
+                ok = False
+            elif legacy and not _legacy_ok(keys, p, q, False):
+                ok = False
+            elif legacy and is_metric and not _legacy_ok(keys, v, w, True):
+                ok = False
+            p = w + 1
+        out[j] = KEY_OK if ok and has_name else KEY_INVALID
+
+
+@numba.njit(cache=True, nogil=True)
+def any_in_bounds(ts, smp_start, smp_n, idx, lo, hi, out):
+    """out[j]: series idx[j] has no samples, or one within [lo, hi]."""
+    for j in range(idx.shape[0]):
+        i = idx[j]
+        a = smp_start[i]
+        n = smp_n[i]
+        ok = n == 0
+        for k in range(a, a + n):
+            if lo <= ts[k] <= hi:
+                ok = True
+                break
+        out[j] = ok
+
+
+@numba.njit(cache=True, nogil=True)
+def insert_new(t_hash, t_ref, s_key_off, s_key_len, s_keys, keys_used, n_series,
+               hashes, key_off, key_len, keys, idx, refs, created):
+    """Resolves series idx[j] of a request that ``lookup`` did not find: one created earlier in
+    this call (the same series twice in a request) is found, any other gets ref ``n_series``,
+    ``n_series + 1``, ... with its key copied to the head's keys and inserted in the table.
+
+    The caller makes room first (series arrays, key bytes, a table at most half full after).
+    Returns (n_series, keys_used, number created); created[:number] are the request indexes of
+    the new series in ref order.
+    """
+    mask = t_hash.shape[0] - 1
+    nc = 0
+    for j in range(idx.shape[0]):
+        i = idx[j]
+        h = hashes[i]
+        slot = np.int64(h & np.uint64(mask))
+        found = -1
+        while True:
+            r = t_ref[slot]
+            if r < 0:
+                break
+            if t_hash[slot] == h and _bytes_equal(s_keys, s_key_off[r], s_key_len[r], keys, key_off[i], key_len[i]):
+                found = r
+                break
+            slot = (slot + 1) & mask
+        if found >= 0:
+            refs[i] = found
+            continue
+        ref = n_series
+        n_series += 1
+        o = key_off[i]
+        n = key_len[i]
+        s_keys[keys_used:keys_used + n] = keys[o:o + n]
+        s_key_off[ref] = keys_used
+        s_key_len[ref] = n
+        keys_used += n
+        t_hash[slot] = h
+        t_ref[slot] = ref
+        refs[i] = ref
+        created[nc] = i
+        nc += 1
+    return n_series, keys_used, nc
+
+
+@numba.njit(cache=True, nogil=True)
+def rehash(old_hash, old_ref, t_hash, t_ref):
+    """Inserts every entry of the old table into the new, empty one."""
+    mask = t_hash.shape[0] - 1
+    for k in range(old_ref.shape[0]):
+        r = old_ref[k]
+        if r < 0:
+            continue
+        h = old_hash[k]
+        slot = np.int64(h & np.uint64(mask))
+        while t_ref[slot] >= 0:
+            slot = (slot + 1) & mask
+        t_hash[slot] = h
+        t_ref[slot] = r
+
+
 @numba.njit(cache=True, inline="always")
 def _range_end(t, chunk_range):
     # End (exclusive) of the aligned range holding t; floor division works for negative t.

@@ -38,6 +38,14 @@ class Labels(tuple):
         """Labels from pairs already sorted by name with no empty values."""
         return tuple.__new__(cls, pairs)
 
+    @classmethod
+    def from_canonical(cls, key: bytes) -> "Labels":
+        """The labels of a canonical key (``canonical()``'s bytes, valid UTF-8 between the 0xff
+        separators)."""
+        # 0xff never occurs in UTF-8: decoded with surrogateescape it is the separator "\udcff".
+        parts = iter(key.decode("utf-8", "surrogateescape").split("\udcff"))
+        return tuple.__new__(cls, zip(parts, parts))
+
     def get(self, name: str, default: str = "") -> str:
         for n, v in self:
             if n == name:

@@ -41,6 +41,22 @@ class MemPostings:
                 lst.append(ref)
             self._count = max(self._count, ref + 1)
 
+    def add_many(self, first_ref: int, labels: Sequence[Labels]) -> None:
+        """Registers series ``first_ref``, ``first_ref + 1``, ... with ``labels`` (as ``add`` each)."""
+        with self._lock:
+            index = self._index
+            for ref, lbls in enumerate(labels, first_ref):
+                for name, value in lbls:
+                    values = index.get(name)
+                    if values is None:
+                        values = index[name] = {}
+                    lst = values.get(value)
+                    if lst is None:
+                        lst = values[value] = array("q")
+                    lst.append(ref)
+            if labels:
+                self._count = max(self._count, first_ref + len(labels))
+
     def delete(self, refs: Iterable[int], labels_of: Sequence[Labels]) -> None:
         """Removes series (head truncation)."""
         with self._lock:

@@ -264,3 +264,63 @@ def test_flatten_gathers_a_selection_in_the_given_order():
     assert ts.tolist() == [0, 0, 1, 0, 1, 2]
     assert vals.tolist() == [0.0, 1000.0, 1001.0, 2000.0, 2001.0, 2002.0]  # c, a, b as given
     assert flatten([]) is None
+
+
+# ---- creating new series in bulk (the compiled checks of canonical keys) ---------------
+
+_UTF8_EDGES = [b"a", b"\x7f", b"\xc2\x80", b"\xc1\xbf", b"\xdf\xbf", b"\xe0\xa0\x80", b"\xe0\x9f\xbf",
+               b"\xed\x9f\xbf", b"\xed\xa0\x80", b"\xef\xbf\xbf", b"\xf0\x90\x80\x80", b"\xf0\x8f\xbf\xbf",
+               b"\xf4\x8f\xbf\xbf", b"\xf4\x90\x80\x80", b"\xf5\x80\x80\x80", b"\x80", b"\xc3", b"\xe2\x82",
+               b"\xf0\x9f\x98", b"\xc3\x28", b":", b"-", b"0", b"_", b"."]
+
+
+def _raw_series(pairs, t, v):
+    """A TimeSeries field with label bytes as given (protobuf's own encoder insists on UTF-8)."""
+    def field(num, payload):
+        return bytes([num << 3 | 2, len(payload)]) + payload
+    labels = b"".join(field(1, field(1, n) + field(2, v)) for n, v in pairs)
+    sample = b"\x09" + struct.pack("<d", v) + b"\x10" + bytes([t])
+    return field(1, labels + field(2, sample))
+
+
+def test_compiled_key_checks_agree_with_validate_labels():
+    """Every byte string built from UTF-8 edge cases (overlongs, surrogates, truncated and
+    out-of-range sequences) as a label name and value, both name validations: the head
+    creates exactly the series ``validate_labels`` accepts, with its labels."""
+    from store.head import validate_labels
+    rng = np.random.default_rng(7)
+    for mode in ("utf8", "legacy"):
+        pieces = []
+        for _ in range(400):
+            k = rng.integers(1, 4)
+            pieces.append(b"".join(_UTF8_EDGES[j] for j in rng.integers(0, len(_UTF8_EDGES), k)))
+        cases = []
+        for i, p in enumerate(pieces):
+            q = pieces[(i * 7 + 3) % len(pieces)]
+            cases.append([(b"__name__", b"m" + p), (b"zz", q)] if i % 3 else
+                         [(b"__name__", q), (b"l" + p, b"v")])
+        head = Head(HeadOptions(name_validation=mode))
+        body = b"".join(_raw_series(pairs, 1, 1.0) for pairs in cases)
+        req = decode(body)
+        assert not (req.series[:, 6] & 1).any()  # every key canonical: all go the compiled way
+        res = head.append(req, NOW)
+        want = {}
+        for pairs in cases:
+            labels, err = validate_labels(list(pairs), mode)
+            if not err:
+                want[labels] = None
+        got = {s.labels for s in head.select([Matcher(MatchType.RE, "__name__", ".*")], MIN, MAX)}
+        assert got == set(want)
+        assert res.appended == len(want) and res.rejected.get("invalid_labels", (0, ""))[0] == len(cases) - len(want)
+        assert 0 < len(want) < len(cases)
+
+
+def test_a_new_series_twice_in_one_request_is_one_series():
+    head = Head()
+    res = _append(head, [({"__name__": "a", "i": "1"}, [(1, 1.0)]), ({"__name__": "b"}, [(1, 1.0)]),
+                         ({"__name__": "a", "i": "1"}, [(2, 2.0)]),
+                         ([("i", "1"), ("__name__", "a")], [(3, 3.0)])])  # the slow path, same series
+    assert res.appended == 4 and head.num_series() == 2
+    [s] = head.select(_eq("a"), MIN, MAX)
+    assert s.labels == Labels.from_dict({"__name__": "a", "i": "1"}) and s.samples()[0].tolist() == [1, 2, 3]
+    assert [x.labels.name for x in head.select([Matcher(MatchType.EQ, "i", "1")], MIN, MAX)] == ["a"]
