@@ -132,11 +132,8 @@ class Head:
         self.changes = ChangeTracker()  # where appends changed the data, for results caches
         n = 1024
         # Series table (power-of-two size, at most half full).
-        self._t_hash = np.zeros(2 * n, dtype=np.uint64)
-        self._t_ref = np.full(2 * n, -1, dtype=np.int64)
-        # Per series.
-        self._key_off = np.zeros(n, dtype=np.int64)
-        self._key_len = np.zeros(n, dtype=np.int64)
+        self._table = K.new_table(2 * n)
+        # Per series (their canonical keys are in the table's rows).
         self._keys = np.zeros(64 * n, dtype=np.uint8)
         self._keys_used = 0
         self._open_ts = np.zeros((n, K.MAX_SAMPLES), dtype=np.int64)
@@ -233,8 +230,7 @@ class Head:
         ns = req.num_series
         refs = np.empty(ns, dtype=np.int64)
         ser = req.series
-        K.lookup(self._t_hash, self._t_ref, self._key_off, self._key_len, self._keys,
-                 req.hashes, ser[:, S_KEY_OFF], ser[:, S_KEY_LEN], req.keys, refs)
+        K.lookup(self._table, self._keys, req.hashes, ser[:, S_KEY_OFF], ser[:, S_KEY_LEN], req.keys, refs)
         slow = (ser[:, S_FLAGS] & NEEDS_SLOW_PATH) != 0
         new = np.flatnonzero((refs < 0) & ~slow)
         if len(new):
@@ -285,8 +281,7 @@ class Head:
         self._reserve(first + len(idx), int(key_len[idx].sum()))
         created = np.empty(len(idx), dtype=np.int64)
         n, self._keys_used, nc = K.insert_new(
-            self._t_hash, self._t_ref, self._key_off, self._key_len, self._keys, self._keys_used, first,
-            req.hashes, key_off, key_len, req.keys, idx, refs, created)
+            self._table, self._keys, self._keys_used, first, req.hashes, key_off, key_len, req.keys, idx, refs, created)
         keys = req.keys
         new = [Labels.from_canonical(keys[o:o + m].tobytes())
                for o, m in zip(key_off[created[:nc]].tolist(), key_len[created[:nc]].tolist())]
@@ -300,10 +295,10 @@ class Head:
             self._grow_series()
         if self._keys_used + key_bytes > self._keys.shape[0]:
             self._keys = _grown(self._keys, self._keys_used + key_bytes)
-        size = self._t_ref.shape[0]
+        size = self._table.shape[0]
         while 2 * n_series > size:
             size *= 2
-        if size != self._t_ref.shape[0]:
+        if size != self._table.shape[0]:
             self._rehash(size)
 
     def _validate(self, pairs: list[tuple[bytes, bytes]]) -> tuple[Labels | None, str]:
@@ -314,8 +309,8 @@ class Head:
         h = xxhash.xxh64_intdigest(key)
         kb = np.frombuffer(key, dtype=np.uint8)
         out = np.empty(1, dtype=np.int64)
-        K.lookup(self._t_hash, self._t_ref, self._key_off, self._key_len, self._keys,
-                 np.array([h], dtype=np.uint64), np.zeros(1, np.int64), np.array([len(key)]), kb, out)
+        K.lookup(self._table, self._keys, np.array([h], dtype=np.uint64), np.zeros(1, np.int64),
+                 np.array([len(key)]), kb, out)
         if out[0] >= 0:
             return int(out[0])
         return self._create(labels, key, h)
@@ -327,19 +322,17 @@ class Head:
         if self._keys_used + len(key) > self._keys.shape[0]:
             self._keys = _grown(self._keys, self._keys_used + len(key))
         self._keys[self._keys_used:self._keys_used + len(key)] = np.frombuffer(key, dtype=np.uint8)
-        self._key_off[ref] = self._keys_used
-        self._key_len[ref] = len(key)
+        if 2 * (ref + 1) > self._table.shape[0]:
+            self._rehash(2 * self._table.shape[0])
+        K.insert(self._table, np.uint64(h), ref, self._keys_used, len(key))
         self._keys_used += len(key)
-        if 2 * (ref + 1) > self._t_ref.shape[0]:
-            self._rehash(2 * self._t_ref.shape[0])
-        K.insert(self._t_hash, self._t_ref, np.uint64(h), ref)
         self._labels.append(labels)
         self._postings.add(ref, labels)
         return ref
 
     def _grow_series(self) -> None:
         n = 2 * self._open_n.shape[0]
-        for name in ("_key_off", "_key_len", "_open_n", "_last_vb"):
+        for name in ("_open_n", "_last_vb"):
             setattr(self, name, _resized(getattr(self, name), n, 0))
         for name in ("_last_ts", "_s_mint"):
             setattr(self, name, _resized(getattr(self, name), n, INT64_MIN))
@@ -352,10 +345,9 @@ class Head:
             setattr(self, name, new)
 
     def _rehash(self, size: int) -> None:
-        t_hash = np.zeros(size, dtype=np.uint64)
-        t_ref = np.full(size, -1, dtype=np.int64)
-        K.rehash(self._t_hash, self._t_ref, t_hash, t_ref)
-        self._t_hash, self._t_ref = t_hash, t_ref
+        table = K.new_table(size)
+        K.rehash(self._table, table)
+        self._table = table
 
     def _append_samples(self, req: WriteRequest, refs: np.ndarray, bounds: tuple[int, int],
                         result: AppendResult) -> None:

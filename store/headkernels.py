@@ -5,7 +5,9 @@ can work on whole requests and selections at once:
 
 * series table: open addressing by xxHash64 of the canonical label bytes, with
   linear probing; equal hashes of different label sets (collisions) simply sit
-  in consecutive slots and are told apart by comparing the bytes;
+  in consecutive slots and are told apart by comparing the bytes; a slot's row
+  holds the hash, the series ref and where its key is, so that a probe touches
+  one cache line of the table and then the key;
 * per series: the open (not yet cut) chunk as raw timestamps and value bits,
   last timestamp/value, first timestamp, first/last closed chunk;
 * per closed chunk: mint, maxt, offset and length in a byte arena of
@@ -18,6 +20,9 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic
 
 from store.xorfast import decode_into, encode_into, max_chunk_bytes
 
@@ -32,43 +37,83 @@ IGNORED_SAME = 4  # same timestamp and value as the last sample: dropped silentl
 SKIPPED = 5  # series rejected before appending (invalid labels)
 
 
+@intrinsic
+def _memcmp(typingctx, a, ao, b, bo, n):
+    """C's memcmp of a[ao:ao+n] and b[bo:bo+n] (contiguous uint8 arrays, in bounds): a compiled
+    byte loop with an early exit runs several times slower on label keys."""
+    if not (isinstance(a, types.Array) and isinstance(b, types.Array) and a.dtype == types.uint8
+            and b.dtype == types.uint8 and a.layout == "C" and b.layout == "C"):
+        return None
+    sig = types.int32(a, ao, b, bo, n)
+
+    def codegen(context, builder, signature, args):
+        aa = context.make_array(signature.args[0])(context, builder, args[0])
+        ba = context.make_array(signature.args[2])(context, builder, args[2])
+        i64 = ir.IntType(64)
+        pa = builder.gep(aa.data, [context.cast(builder, args[1], signature.args[1], types.int64)])
+        pb = builder.gep(ba.data, [context.cast(builder, args[3], signature.args[3], types.int64)])
+        ptr = ir.IntType(8).as_pointer()
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), [ptr, ptr, i64]),
+                                            "memcmp")
+        n = context.cast(builder, args[4], signature.args[4], types.int64)
+        return builder.call(fn, [builder.bitcast(pa, ptr), builder.bitcast(pb, ptr), n])
+
+    return sig, codegen
+
+
 @numba.njit(cache=True, inline="always")
 def _bytes_equal(a, ao, an, b, bo, bn):
-    if an != bn:
-        return False
-    for i in range(an):
-        if a[ao + i] != b[bo + i]:
-            return False
-    return True
+    return an == bn and _memcmp(a, ao, b, bo, an) == 0
 
 
-@numba.njit(cache=True, nogil=True)
-def lookup(t_hash, t_ref, s_key_off, s_key_len, s_keys, hashes, key_off, key_len, keys, out):
-    """out[i] = ref of the series whose canonical key is keys[key_off[i]:+key_len[i]], or -1."""
-    mask = t_hash.shape[0] - 1
-    for i in range(hashes.shape[0]):
-        h = hashes[i]
-        slot = np.int64(h & np.uint64(mask))
-        out[i] = -1
-        while True:
-            r = t_ref[slot]
-            if r < 0:
-                break
-            if t_hash[slot] == h and _bytes_equal(s_keys, s_key_off[r], s_key_len[r], keys, key_off[i], key_len[i]):
-                out[i] = r
-                break
-            slot = (slot + 1) & mask
+# Columns of the series table: one row per slot, so that a probe reads one cache line.
+T_HASH, T_REF, T_KEY_OFF, T_KEY_LEN = range(4)
+TABLE_COLUMNS = 4
 
 
-@numba.njit(cache=True, nogil=True)
-def insert(t_hash, t_ref, h, ref):
-    """Puts ``ref`` in the first free slot of its probe sequence (the table must have room)."""
-    mask = t_hash.shape[0] - 1
+def new_table(size: int) -> np.ndarray:
+    """An empty series table of ``size`` slots (a power of two)."""
+    t = np.zeros((size, TABLE_COLUMNS), dtype=np.int64)
+    t[:, T_REF] = -1
+    return t
+
+
+@numba.njit(cache=True, inline="always")
+def _probe(table, s_keys, h, keys, ko, kn):
+    """(ref of the series with key keys[ko:ko+kn] and hash h, or -1; the slot where it is or
+    where it would go)."""
+    mask = table.shape[0] - 1
+    hh = np.int64(h)
     slot = np.int64(h & np.uint64(mask))
-    while t_ref[slot] >= 0:
+    while True:
+        r = table[slot, T_REF]
+        if r < 0:
+            return -1, slot
+        if table[slot, T_HASH] == hh and _bytes_equal(s_keys, table[slot, T_KEY_OFF], table[slot, T_KEY_LEN],
+                                                      keys, ko, kn):
+            return r, slot
         slot = (slot + 1) & mask
-    t_hash[slot] = h
-    t_ref[slot] = ref
+
+
+@numba.njit(cache=True, nogil=True)
+def lookup(table, s_keys, hashes, key_off, key_len, keys, out):
+    """out[i] = ref of the series whose canonical key is keys[key_off[i]:+key_len[i]], or -1."""
+    for i in range(hashes.shape[0]):
+        out[i], _ = _probe(table, s_keys, hashes[i], keys, key_off[i], key_len[i])
+
+
+@numba.njit(cache=True, nogil=True)
+def insert(table, h, ref, key_off, key_len):
+    """Puts ``ref`` (key at s_keys[key_off:+key_len]) in the first free slot of its probe
+    sequence (the table must have room)."""
+    mask = table.shape[0] - 1
+    slot = np.int64(h & np.uint64(mask))
+    while table[slot, T_REF] >= 0:
+        slot = (slot + 1) & mask
+    table[slot, T_HASH] = np.int64(h)
+    table[slot, T_REF] = ref
+    table[slot, T_KEY_OFF] = key_off
+    table[slot, T_KEY_LEN] = key_len
 
 
 # Why ``check_new_keys`` sends a new series to the Python validation (which words the error).
@@ -178,44 +223,32 @@ def any_in_bounds(ts, smp_start, smp_n, idx, lo, hi, out):
 
 
 @numba.njit(cache=True, nogil=True)
-def insert_new(t_hash, t_ref, s_key_off, s_key_len, s_keys, keys_used, n_series,
-               hashes, key_off, key_len, keys, idx, refs, created):
+def insert_new(table, s_keys, keys_used, n_series, hashes, key_off, key_len, keys, idx, refs, created):
     """Resolves series idx[j] of a request that ``lookup`` did not find: one created earlier in
     this call (the same series twice in a request) is found, any other gets ref ``n_series``,
     ``n_series + 1``, ... with its key copied to the head's keys and inserted in the table.
 
-    The caller makes room first (series arrays, key bytes, a table at most half full after).
+    The caller makes room first (key bytes, a table at most half full after).
     Returns (n_series, keys_used, number created); created[:number] are the request indexes of
     the new series in ref order.
     """
-    mask = t_hash.shape[0] - 1
     nc = 0
     for j in range(idx.shape[0]):
         i = idx[j]
-        h = hashes[i]
-        slot = np.int64(h & np.uint64(mask))
-        found = -1
-        while True:
-            r = t_ref[slot]
-            if r < 0:
-                break
-            if t_hash[slot] == h and _bytes_equal(s_keys, s_key_off[r], s_key_len[r], keys, key_off[i], key_len[i]):
-                found = r
-                break
-            slot = (slot + 1) & mask
+        o = key_off[i]
+        n = key_len[i]
+        found, slot = _probe(table, s_keys, hashes[i], keys, o, n)
         if found >= 0:
             refs[i] = found
             continue
         ref = n_series
         n_series += 1
-        o = key_off[i]
-        n = key_len[i]
         s_keys[keys_used:keys_used + n] = keys[o:o + n]
-        s_key_off[ref] = keys_used
-        s_key_len[ref] = n
+        table[slot, T_HASH] = np.int64(hashes[i])
+        table[slot, T_REF] = ref
+        table[slot, T_KEY_OFF] = keys_used
+        table[slot, T_KEY_LEN] = n
         keys_used += n
-        t_hash[slot] = h
-        t_ref[slot] = ref
         refs[i] = ref
         created[nc] = i
         nc += 1
@@ -223,19 +256,16 @@ def insert_new(t_hash, t_ref, s_key_off, s_key_len, s_keys, keys_used, n_series,
 
 
 @numba.njit(cache=True, nogil=True)
-def rehash(old_hash, old_ref, t_hash, t_ref):
-    """Inserts every entry of the old table into the new, empty one."""
-    mask = t_hash.shape[0] - 1
-    for k in range(old_ref.shape[0]):
-        r = old_ref[k]
-        if r < 0:
+def rehash(old, table):
+    """Inserts every entry of the ``old`` table into the new, empty one."""
+    mask = table.shape[0] - 1
+    for k in range(old.shape[0]):
+        if old[k, T_REF] < 0:
             continue
-        h = old_hash[k]
-        slot = np.int64(h & np.uint64(mask))
-        while t_ref[slot] >= 0:
+        slot = old[k, T_HASH] & mask
+        while table[slot, T_REF] >= 0:
             slot = (slot + 1) & mask
-        t_hash[slot] = h
-        t_ref[slot] = r
+        table[slot, :] = old[k, :]
 
 
 @numba.njit(cache=True, inline="always")
