@@ -135,12 +135,14 @@ def cmd_store(args: argparse.Namespace) -> int:
 
 def cmd_adapter(args: argparse.Namespace) -> int:
     from adapter.sharded_write import ShardedWriteHandler
-    from store.natslog import NatsLog
+    from store.natslog import NatsConnection, NatsLog
 
     topology = load_topology(args.topology)
     registry = CollectorRegistry()
-    logs = [NatsLog(list(topology.nats), s.stream, replicas=topology.stream_replicas, registry=None)
-            for s in topology.shards]
+    # One connection for all shards: a request's parts then wake one event loop, not one per shard.
+    connection = NatsConnection(list(topology.nats), "adapter")
+    logs = [NatsLog(list(topology.nats), s.stream, replicas=topology.stream_replicas, registry=None,
+                    connection=connection) for s in topology.shards]
     router = Router()
     ShardedWriteHandler(topology, logs, max_body_bytes=args.max_body_bytes, registry=registry).route(router)
     pool = ThreadPoolExecutor(8)
@@ -151,6 +153,7 @@ def cmd_adapter(args: argparse.Namespace) -> int:
     def close() -> None:
         for lg in logs:
             lg.close()
+        connection.close()
         pool.shutdown()
 
     return _serve(role, close)

