@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from llvmlite import ir
-from numba.core import cgutils, types
-from numba.extending import intrinsic
 
+from store.bytesops import bytes_equal as _bytes_equal
 from store.xorfast import decode_into, encode_into, max_chunk_bytes
 
 MAX_SAMPLES = 120  # Prometheus cuts XOR chunks at 120 samples
@@ -35,35 +33,6 @@ DUPLICATE = 2
 OUT_OF_BOUNDS = 3
 IGNORED_SAME = 4  # same timestamp and value as the last sample: dropped silently, as Prometheus does
 SKIPPED = 5  # series rejected before appending (invalid labels)
-
-
-@intrinsic
-def _memcmp(typingctx, a, ao, b, bo, n):
-    """C's memcmp of a[ao:ao+n] and b[bo:bo+n] (contiguous uint8 arrays, in bounds): a compiled
-    byte loop with an early exit runs several times slower on label keys."""
-    if not (isinstance(a, types.Array) and isinstance(b, types.Array) and a.dtype == types.uint8
-            and b.dtype == types.uint8 and a.layout == "C" and b.layout == "C"):
-        return None
-    sig = types.int32(a, ao, b, bo, n)
-
-    def codegen(context, builder, signature, args):
-        aa = context.make_array(signature.args[0])(context, builder, args[0])
-        ba = context.make_array(signature.args[2])(context, builder, args[2])
-        i64 = ir.IntType(64)
-        pa = builder.gep(aa.data, [context.cast(builder, args[1], signature.args[1], types.int64)])
-        pb = builder.gep(ba.data, [context.cast(builder, args[3], signature.args[3], types.int64)])
-        ptr = ir.IntType(8).as_pointer()
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), [ptr, ptr, i64]),
-                                            "memcmp")
-        n = context.cast(builder, args[4], signature.args[4], types.int64)
-        return builder.call(fn, [builder.bitcast(pa, ptr), builder.bitcast(pb, ptr), n])
-
-    return sig, codegen
-
-
-@numba.njit(cache=True, inline="always")
-def _bytes_equal(a, ao, an, b, bo, bn):
-    return an == bn and _memcmp(a, ao, b, bo, an) == 0
 
 
 # Columns of the series table: one row per slot, so that a probe reads one cache line.

@@ -26,6 +26,7 @@ from typing import Iterable
 import numba
 import numpy as np
 
+from store.bytesops import memcmp, memcpy
 from store.errors import DecodeError
 from store.xxhash64 import xxh64
 
@@ -89,12 +90,9 @@ def _skip(buf, p, end, wt):
 
 @numba.njit(cache=True, inline="always")
 def _cmp(buf, a, alen, b, blen):
-    n = min(alen, blen)
-    for i in range(n):
-        x = buf[a + i]
-        y = buf[b + i]
-        if x != y:
-            return -1 if x < y else 1
+    c = memcmp(buf, a, buf, b, min(alen, blen))
+    if c != 0:
+        return -1 if c < 0 else 1
     if alen == blen:
         return 0
     return -1 if alen < blen else 1
@@ -253,14 +251,12 @@ def _scan(buf, ser, hashes, lab, smp_t, smp_v, smp_s, keys):
         nk = ser[s - 1, S_KEY_OFF] + ser[s - 1, S_KEY_LEN] if s > 0 else 0
         ser[s, S_KEY_OFF] = nk
         for li in range(ser[s, S_LAB_START], nl):
-            for i in range(lab[li, 1]):
-                keys[nk] = buf[lab[li, 0] + i]
-                nk += 1
+            memcpy(keys, nk, buf, lab[li, 0], lab[li, 1])
+            nk += lab[li, 1]
             keys[nk] = 0xFF
             nk += 1
-            for i in range(lab[li, 3]):
-                keys[nk] = buf[lab[li, 2] + i]
-                nk += 1
+            memcpy(keys, nk, buf, lab[li, 2], lab[li, 3])
+            nk += lab[li, 3]
             keys[nk] = 0xFF
             nk += 1
         ser[s, S_KEY_LEN] = nk - ser[s, S_KEY_OFF]

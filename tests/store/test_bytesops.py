@@ -1,0 +1,50 @@
+"""The memcmp/memcpy intrinsics against Python's own byte comparisons and slicing."""
+
+import numba
+import numpy as np
+
+from store.bytesops import bytes_equal, memcmp, memcpy
+
+
+@numba.njit
+def _cmp(a, ao, b, bo, n):
+    return memcmp(a, ao, b, bo, n)
+
+
+@numba.njit
+def _copy(dst, do, src, so, n):
+    memcpy(dst, do, src, so, n)
+
+
+@numba.njit
+def _eq(a, ao, an, b, bo, bn):
+    return bytes_equal(a, ao, an, b, bo, bn)
+
+
+def _sign(x: int) -> int:
+    return (x > 0) - (x < 0)
+
+
+def test_memcmp_orders_like_python_bytes():
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 4, 400, dtype=np.uint8)  # few symbols: many equal prefixes
+    b = rng.integers(0, 4, 400, dtype=np.uint8)
+    for _ in range(2000):
+        ao, bo = rng.integers(0, 200, 2)
+        n = int(rng.integers(0, 100))
+        x, y = a[ao:ao + n].tobytes(), b[bo:bo + n].tobytes()
+        assert _sign(_cmp(a, ao, b, bo, n)) == (x > y) - (x < y)
+        assert _eq(a, ao, n, b, bo, n) == (x == y)
+        assert not _eq(a, ao, n, b, bo, n + 1)
+    assert _cmp(a, 5, a, 5, 50) == 0 and _cmp(a, 0, b, 0, 0) == 0
+    assert _cmp(np.array([0xFF], np.uint8), 0, np.array([0x01], np.uint8), 0, 1) > 0  # unsigned bytes
+
+
+def test_memcpy_copies_exactly_the_range():
+    src = np.arange(256, dtype=np.uint8)
+    for do, so, n in [(0, 0, 0), (3, 10, 7), (100, 0, 156), (0, 255, 1)]:
+        dst = np.zeros(256, dtype=np.uint8)
+        _copy(dst, do, src, so, n)
+        want = np.zeros(256, dtype=np.uint8)
+        want[do:do + n] = src[so:so + n]
+        assert (dst == want).all()
