@@ -196,7 +196,14 @@ class NatsConnection:
                 continue
             task = self._loop.create_task(coro)  # type: ignore[arg-type]
             task.add_done_callback(lambda t, f=fut: _settle(f, t))
-            fut.add_done_callback(lambda f, t=task: f.cancelled() and self._loop.call_soon_threadsafe(t.cancel))
+            fut.add_done_callback(lambda f, t=task: f.cancelled() and self._cancel_soon(t))
+
+    def _cancel_soon(self, task: asyncio.Task[Any]) -> None:
+        """Cancels ``task`` on the loop thread (from any thread); nothing to do once the loop is closed."""
+        try:
+            self._loop.call_soon_threadsafe(task.cancel)
+        except RuntimeError:  # the loop is closed: the task went with it
+            pass
 
     def run(self, coro: Awaitable[_T], timeout_s: float, what: str) -> _T:
         """Runs ``coro`` on the loop thread and returns its result.
@@ -276,10 +283,11 @@ def _settle(fut: concurrent.futures.Future[_T], task: asyncio.Future[_T]) -> Non
     if task.cancelled():
         fut.cancel()
         return
+    error = task.exception()  # retrieved even if nobody waits any more
     if not fut.set_running_or_notify_cancel():
         return
-    if task.exception() is not None:
-        fut.set_exception(task.exception())  # type: ignore[arg-type]
+    if error is not None:
+        fut.set_exception(error)
     else:
         fut.set_result(task.result())
 
