@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from store import writerequest
 from store.errors import DecodeError, UnsupportedVersion
-from store.head import AppendResult, Head, HeadOptions
+from store.head import AppendResult, Head, HeadOptions, truncation_point
 from store.wal import Log, RocksLog
 
 log = logging.getLogger(__name__)
@@ -163,10 +163,8 @@ class DB:
     def truncate_expired(self) -> int:
         """Drops persisted head data older than the retention, then checkpoints so that a restart
         does not replay it; returns the number of series removed."""
-        before = min(self._persisted_through, int(self._now() * 1000) - self.options.retention_ms)
-        # Like Prometheus, truncate at chunk-range boundaries: a rebuild per boundary, not per call.
-        rng = self.options.head.chunk_range_ms
-        before = before // rng * rng
+        before = truncation_point(self._persisted_through, int(self._now() * 1000), self.options.retention_ms,
+                                  self.options.head.chunk_range_ms)
         if before <= self._truncated_before:
             return 0
         with self._apply_lock:

@@ -717,6 +717,14 @@ def _fmt(pairs: list[tuple[str, str]]) -> str:
     return ", ".join(f'{n}="{v}"' for n, v in pairs)
 
 
+def truncation_point(persisted_through_ms: int, now_ms: int, retention_ms: int, chunk_range_ms: int) -> int:
+    """Before what time a head may drop its data: what is persisted and older than the retention,
+    rounded down to a chunk-range boundary (as Prometheus truncates its head: one rebuild per
+    boundary, not per call). Shared by the single node and the head replicas."""
+    before = min(persisted_through_ms, now_ms - retention_ms)
+    return before // chunk_range_ms * chunk_range_ms
+
+
 def _resized(a: np.ndarray, n: int, fill: int) -> np.ndarray:
     new = np.full(n, fill, dtype=a.dtype)
     new[:a.shape[0]] = a

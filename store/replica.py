@@ -59,7 +59,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from store import shardrecord, writerequest
 from store.db import DBOptions, decode_record, persisted_through
 from store.errors import CheckpointMismatch, DecodeError, LogTruncated, LogUnavailable, UnsupportedVersion, WALError
-from store.head import Head, HeadOptions
+from store.head import Head, HeadOptions, truncation_point
 from store.natslog import _STREAM_NAME_IN_USE, NatsConsumer, StreamState, NatsConnection, default_subject
 from store.wal import RocksLog
 
@@ -548,9 +548,8 @@ class HeadReplica:
         so every replica does it at the same record."""
         if self._clock_ms == INT64_MIN:
             return
-        before = min(self._head.min_valid_time, self._clock_ms - self.retention_ms)
-        rng = self.head_options.chunk_range_ms
-        before = before // rng * rng
+        before = truncation_point(self._head.min_valid_time, self._clock_ms, self.retention_ms,
+                                  self.head_options.chunk_range_ms)
         if before <= self._truncated_before:
             return
         start = time.monotonic()
