@@ -124,11 +124,12 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, Sequenc
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from compactor.verify import BlockVerifier
 from store import ulid as ulids
-from store.block import BlockMeta, BlockReader, SeriesData, verify_block, write_block
+from store.block import BlockMeta, BlockReader, SeriesData, write_block
 from store.bucket import Bucket
 from store.catalog import BlockCatalog, CatalogBlock, delete_block, mark_for_deletion
-from store.errors import CorruptBlock, IncompleteBlock
+from store.errors import CorruptBlock
 from store.labels import Labels
 from store.matchers import Matcher, MatchType
 from store.storage import Querier, SelectHints
@@ -236,12 +237,12 @@ class Compactor:
         self._write_opts = {} if rows_per_group is None else {"rows_per_group": rows_per_group}
         self._catalog = BlockCatalog(bucket, now=now)
         self._lock = threading.Lock()
-        self._verified: set[str] = set()
         self._notified: int | None = None
         self._step = "sync"
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._init_metrics(registry if registry is not None else CollectorRegistry())
+        self._verifier = BlockVerifier(bucket, self._m_verify_failures, deleted=self._m_deleted, tmp_dir=tmp_dir)
 
     def _init_metrics(self, registry: CollectorRegistry) -> None:
         self._m_runs = Counter("flashback_compactor_runs", "Compactor passes started.", registry=registry)
@@ -397,14 +398,14 @@ class Compactor:
         # the active block holding its data. Newest first: once the source holds nothing before
         # a block's end, it holds nothing of any older block either.
         for m in sorted(self._active(blocks), key=lambda m: m.max_time, reverse=True):
-            if m.ulid in self._verified or (self._notified is not None and m.max_time <= self._notified):
+            if m.ulid in self._verifier or (self._notified is not None and m.max_time <= self._notified):
                 continue
             if not self._has_data(INT64_MIN, m.max_time - 1):
                 break
             if not self._has_data(m.min_time, m.max_time - 1):
                 continue
             try:
-                self._verify(m)
+                self._verifier.verify(m)
             except CorruptBlock as err:
                 if self._delete_if_redundant(m, blocks, result):
                     continue
@@ -425,14 +426,6 @@ class Compactor:
         self._notified = watermark
         self._m_watermark.set(watermark / 1000)
         self._log.info("persisted watermark advanced", extra={"maxt": watermark})
-
-    def _verify(self, meta: BlockMeta) -> None:
-        try:
-            verify_block(self._bucket, meta.ulid, tmp_dir=self._tmp_dir)
-        except (CorruptBlock, IncompleteBlock):
-            self._m_verify_failures.inc()
-            raise
-        self._verified.add(meta.ulid)
 
     def _delete_if_redundant(self, meta: BlockMeta, blocks: list[CatalogBlock], result: RunResult) -> bool:
         """Deletes corrupt block ``meta`` if other unmarked blocks hold all of its sources."""
@@ -509,14 +502,7 @@ class Compactor:
 
     def _after_write(self, meta: BlockMeta) -> None:
         """Verifies a block just written; a corrupt one is deleted at once and the error raised."""
-        try:
-            self._verify(meta)
-        except CorruptBlock:
-            self._log.error("block just written fails verification: deleting it", exc_info=True,
-                            extra=_block_extra(meta))
-            delete_block(self._bucket, meta.ulid)
-            self._m_deleted.inc()
-            raise
+        self._verifier.verify_written(meta, self._log, "block")
         self._m_written.labels(str(meta.level)).inc()
         self._m_samples.inc(meta.num_samples)
 
@@ -529,9 +515,9 @@ class Compactor:
             container = _container(m, unmarked)
             if container is None:
                 continue
-            if container.ulid not in self._verified:
+            if container.ulid not in self._verifier:
                 try:
-                    self._verify(container)
+                    self._verifier.verify(container)
                 except CorruptBlock:
                     if not self._delete_if_redundant(container, blocks, result):
                         raise

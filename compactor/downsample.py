@@ -60,14 +60,15 @@ from typing import Callable, Iterator, Mapping, Sequence
 from prometheus_client import CollectorRegistry, Counter
 
 from compactor.compactor import _merged_series, _series_groups, _sources
+from compactor.verify import BlockVerifier
 from store import ulid as ulids
 from store.aggregates import RES_1H, RES_5M, downsample_aggregates, downsample_raw
 from store.block import (
-    AggregateData, Aggregates, AggregateSeries, BlockMeta, BlockReader, verify_block, write_aggregate_block,
+    AggregateData, Aggregates, AggregateSeries, BlockMeta, BlockReader, write_aggregate_block,
 )
 from store.bucket import Bucket
 from store.catalog import BlockCatalog, CatalogBlock, delete_block, mark_for_deletion
-from store.errors import CorruptBlock, IncompleteBlock
+from store.errors import CorruptBlock
 from store.labels import Labels
 from store.storage import SelectHints
 
@@ -121,7 +122,6 @@ class Downsampler:
         self._tmp_dir = tmp_dir
         self._write_opts = {} if rows_per_group is None else {"rows_per_group": rows_per_group}
         self._catalog = BlockCatalog(bucket, now=now)
-        self._verified: set[str] = set()
         registry = registry if registry is not None else CollectorRegistry()
         self._m_written = Counter("flashback_downsampler_blocks_written",
                                   "Downsampled blocks uploaded and verified, by resolution (ms).", ["resolution"],
@@ -135,6 +135,7 @@ class Downsampler:
                                           "Downsampled blocks that failed verification.", registry=registry)
         for res in (RES_5M, RES_1H):
             self._m_written.labels(str(res))
+        self._verifier = BlockVerifier(bucket, self._m_verify_failures, tmp_dir=tmp_dir)
 
     def _ours(self) -> list[CatalogBlock]:
         self._catalog.refresh()
@@ -188,7 +189,7 @@ class Downsampler:
             if container is None or container.marked:
                 continue
             try:
-                self._verify(container.meta)
+                self._verifier.verify(container.meta)
             except CorruptBlock:
                 # Its data is in the block it hides (or in raw blocks, to downsample again):
                 # deleting it shows the hidden block to readers and lets the next pass redo it.
@@ -242,13 +243,7 @@ class Downsampler:
                                      max_time=raw.max_time, level=raw.level, sources=sorted(_sources(raw)),
                                      external_labels=dict(self._labels), ulid=block, now=self._now,
                                      tmp_dir=self._tmp_dir, **self._write_opts)
-        try:
-            self._verify(meta)
-        except CorruptBlock:
-            self._log.error("downsampled block just written fails verification: deleting it", exc_info=True,
-                            extra={"block": meta.ulid})
-            delete_block(self._bucket, meta.ulid)
-            raise
+        self._verifier.verify_written(meta, self._log, "downsampled block")
         self._m_written.labels(str(resolution)).inc()
         self._m_rows.inc(meta.num_samples)
         self._log.info("block downsampled", extra={"block": meta.ulid, "resolution": resolution,
@@ -256,17 +251,6 @@ class Downsampler:
                                                    "inputs": inputs, "series": meta.num_series,
                                                    "rows": meta.num_samples})
         return meta
-
-    def _verify(self, meta: BlockMeta) -> None:
-        """``verify_block`` once per block and process; failures are counted and raised."""
-        if meta.ulid in self._verified:
-            return
-        try:
-            verify_block(self._bucket, meta.ulid, tmp_dir=self._tmp_dir)
-        except (CorruptBlock, IncompleteBlock):
-            self._m_verify_failures.inc()
-            raise
-        self._verified.add(meta.ulid)
 
 
 def _merged_aggregates(readers: Sequence[BlockReader], mint: int,
