@@ -280,8 +280,6 @@ def _evaluate(node: pp.Expr, ctx: EvalContext) -> Value:
             ctx.warn(_SORT_IN_RANGE)
         outer, ctx.call = ctx.call, name
         try:
-            if name in _WEIGHTED and len(node.args) == 1 and isinstance(node.args[0], pp.MatrixSelector):
-                return eval_weighted_over_time(name, node.args[0], ctx)
             return functions.evaluate_call(node, ctx)
         finally:
             ctx.call = outer
@@ -381,17 +379,14 @@ def eval_vector_selector(vs: pp.VectorSelector, ctx: EvalContext) -> tuple[Vecto
 
 
 def eval_matrix_selector(ms: pp.MatrixSelector, ctx: EvalContext) -> RangeVector:
-    return _matrix_selection(ms, ctx)[0]
-
-
-def _matrix_selection(ms: pp.MatrixSelector, ctx: EvalContext) -> tuple[RangeVector, np.ndarray | None]:
-    """The range vector of ``ms`` (read with ``ctx.call`` as the hints' function) and its weights."""
+    """The range vector of ``ms``, read with ``ctx.call`` as the hints' function (with the
+    ``weights`` of downsampled data)."""
     vs = ms.vector_selector
     range_ms = duration_ms(ms.range)
     ref = reference_times(ctx, vs.at, vs.offset)
     if len(ref) == 0:
         empty = np.zeros(0, dtype=np.int64)
-        return RangeVector([], empty, np.zeros(0), np.zeros(1, dtype=np.int64), ref, ref, range_ms), None
+        return RangeVector([], empty, np.zeros(0), np.zeros(1, dtype=np.int64), ref, ref, range_ms)
     sel = select(ctx, vs, int(ref.min()) - range_ms + 1, int(ref.max()), range_ms, ctx.call)
     stale = is_stale(sel.values)
     if stale.any():
@@ -403,34 +398,7 @@ def _matrix_selection(ms: pp.MatrixSelector, ctx: EvalContext) -> tuple[RangeVec
         np.cumsum(counts, out=offsets[1:])
         weights = sel.weights[keep] if sel.weights is not None else None
         sel = Selection(sel.labels, sel.ts[keep], sel.values[keep], offsets, weights)
-    return RangeVector(sel.labels, sel.ts, sel.values, sel.offsets, ref - range_ms, ref, range_ms), sel.weights
-
-
-# Functions whose answer over downsampled data needs each point's number of raw samples.
-_WEIGHTED = ("count_over_time", "avg_over_time")
-
-
-def eval_weighted_over_time(name: str, ms: pp.MatrixSelector, ctx: EvalContext) -> Vector:
-    """``count_over_time``/``avg_over_time`` of a range selector.
-
-    Over raw samples as any range function. Over downsampled data (a selection with
-    ``weights``: the count aggregate, and the sum aggregate as values for ``avg_over_time``)
-    the count is the sum of the counts and the average the sum of the sums over the sum of
-    the counts, not the number of points or the average of the points' averages.
-    """
-    rv, weights = _matrix_selection(ms, ctx)
-    if weights is None:
-        values, present = functions._RANGE[name](rv, [], ctx)
-    else:
-        sum_over_time = functions._RANGE["sum_over_time"]
-        counts, present = sum_over_time(dataclasses.replace(rv, values=weights), [], ctx)
-        if name == "count_over_time":
-            values = counts
-        else:
-            sums, _ = sum_over_time(rv, [], ctx)
-            with np.errstate(all="ignore"):
-                values = sums / np.where(counts > 0, counts, 1)
-    return merge_same_labels(Vector([drop_name(lb) for lb in rv.labels], values, present), _DUP)
+    return RangeVector(sel.labels, sel.ts, sel.values, sel.offsets, ref - range_ms, ref, range_ms, sel.weights)
 
 
 def eval_subquery(sq: pp.SubqueryExpr, ctx: EvalContext) -> RangeVector:

@@ -16,6 +16,8 @@ handling) and annotations are those of Prometheus' ``promql/functions.go``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import math
 from typing import Callable
@@ -753,6 +755,24 @@ _RANGE_REFERENCE = {
     "predict_linear": _predict_linear,
 }
 
+def _of_raw_samples(name: str, plain):
+    """``count_over_time``/``avg_over_time`` that, over downsampled data (``rv.weights``: each
+    point's raw sample count, values: the sum aggregate), count and average the raw samples:
+    the summed counts, and the summed sums over the summed counts, rather than the number of
+    points or the average of the points' averages (as Thanos does)."""
+    def fn(rv, args, ctx):
+        if rv.weights is None:
+            return plain(rv, args, ctx)
+        sum_over_time = _RANGE["sum_over_time"]
+        counts, nonempty = sum_over_time(dataclasses.replace(rv, values=rv.weights, weights=None), [], ctx)
+        if name == "count_over_time":
+            return counts, nonempty
+        sums, _ = sum_over_time(dataclasses.replace(rv, weights=None), [], ctx)
+        with np.errstate(all="ignore"):
+            return sums / np.where(counts > 0, counts, 1), nonempty
+    return fn
+
+
 _RANGE = {
     **_RANGE_REFERENCE,
     "rate": _extrapolated_compiled(True, True),
@@ -770,6 +790,8 @@ _RANGE = {
     "deriv": _deriv_compiled,
     "predict_linear": _predict_linear_compiled,
 }
+_RANGE["count_over_time"] = _of_raw_samples("count_over_time", _RANGE["count_over_time"])
+_RANGE["avg_over_time"] = _of_raw_samples("avg_over_time", _RANGE["avg_over_time"])
 
 
 # ---- element-wise functions ------------------------------------------------------------------

@@ -130,6 +130,10 @@ class RangeVector:
     Series ``i`` owns ``ts[offsets[i]:offsets[i+1]]`` (strictly increasing,
     no stale markers). Step ``k`` sees the samples with
     ``left[k] < t <= right[k]``; ``range_ms`` is the selector's range.
+
+    ``weights`` is set when the samples are downsampled aggregates (``querier/downsampled.py``):
+    each point's number of raw samples, so that ``count_over_time`` and ``avg_over_time`` count
+    and average raw samples rather than points.
     """
 
     labels: list[Labels]
@@ -139,6 +143,7 @@ class RangeVector:
     left: np.ndarray
     right: np.ndarray
     range_ms: int
+    weights: np.ndarray | None = None
     _windows: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     def windows(self) -> tuple[np.ndarray, np.ndarray]:
