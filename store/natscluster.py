@@ -170,6 +170,11 @@ class NatsCluster:
         """Node index of a server name as JetStream reports it (stream leader, peers)."""
         return self.names.index(server_name)
 
+    def pid(self, i: int) -> int | None:
+        """Process id of node ``i``, None if it is not running."""
+        p = self._procs[i]
+        return p.pid if p is not None and p.poll() is None else None
+
     def running(self, i: int) -> bool:
         p = self._procs[i]
         return p is not None and p.poll() is None

@@ -21,9 +21,27 @@ caches, other sessions' load 3-16 (CPU seconds per million samples, single node 
       100 ms fetch linger          2.19  2.23        4.83   9.26    138 306  0.35
     the same, --concurrency 8      1.90  1.25        4.40   7.55    220 611  0.39
 
-At 2 connections the cluster is latency-bound (p50 18-23 ms per request against 3-6 ms for
-the single node: decode, split, then three R3 PubAcks, on a machine where 16 processes share
-2 cores); the ratio moves with the single node's wall-clock figure, the CPU figures do not.
+Session of 2026-11-30 (third), same command; "before" is commit 757b3f9 on a quiet machine
+(load 0.5), "after" has the bulk series creation, memcmp lookups and one shared adapter
+connection (load 1-8; runs 1 and 2 with the 100 ms fetch linger, the others with 250 ms). CPU
+seconds per million samples:
+
+    run                       adapter  NATS  9 replicas  total  samples/s  single: samples/s  CPU  ratio
+    before                       2.31  2.06        5.45   9.84    193 959            559 287  2.24  0.35
+    after, run 1                 2.12  2.07        4.00   8.21    212 349            760 930  1.52  0.28
+    after, run 2                 2.23  2.21        4.08   8.53    202 374            717 784  1.57  0.28
+    after, 250 ms linger         2.23  2.10        3.73   8.07    213 749            738 559  1.54  0.29
+    after, --concurrency 8       2.10  1.46        3.47   7.04    253 514            866 710  1.49  0.29
+
+The single node gained more than the cluster (the kernels made faster are a larger share of
+its CPU), so the ratio fell while both got faster. What the cluster adds is mostly per message:
+a NATS R3 publish of a 12 KB record costs the three servers 0.76 ms of CPU with no consumer
+and 1.25 ms with three durable R3 consumers (0.95 ms with in-memory R1 consumers without
+acknowledgements), i.e. 1.2-1.9 s per million samples at ~650 samples per record; 49 KB records
+cost 1.66 ms (2.2x the CPU for 4x the samples). Measured with ``nats_publish_cost.py``.
+
+At 2 connections the cluster is CPU-bound here (16 processes and the load generator on 2 cores):
+latency p50 14-15 ms per request against 4 ms for the single node.
 Replica RSS: ~300 MiB with 33.5 k series after the run, ~128 MiB of it before (an empty head).
 """
 
@@ -138,7 +156,7 @@ def main() -> int:
         cluster.start(timeout=300)
         try:
             pids = {name: p.proc.pid for name, p in cluster.processes.items()}
-            pids.update({f"nats-{i}": p.pid for i, p in enumerate(cluster.nats._procs)})
+            pids.update({f"nats-{i}": cluster.nats.pid(i) for i in range(cluster.nats.size)})
             before = {name: _cpu_s(pid) for name, pid in pids.items()}
             rss_empty = {name: _rss_mib(pid) for name, pid in pids.items() if name.startswith("store-")}
             many = _replay(cluster.write_url, dump, args.concurrency)

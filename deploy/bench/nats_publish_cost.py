@@ -1,0 +1,147 @@
+"""NATS servers' CPU per acknowledged publish of a log record, by consumer setup.
+
+    python3 deploy/bench/nats_publish_cost.py [--size 12400] [--messages 3000]
+
+Starts a 3-node JetStream cluster on loopback (``store.natscluster``), then, on a new R3
+stream per setup, publishes ``--messages`` records of ``--size`` random bytes through
+``NatsLog`` from two threads (as the adapter at two connections), with three pull consumers
+reading along (as a shard's three head replicas):
+
+* ``none``: no consumer;
+* ``r3-ack``: durable consumers as the replicas use them (replicated like the stream,
+  cumulative acknowledgements);
+* ``r3-noack``: the same without acknowledgements;
+* ``r1-mem-noack``: in-memory single-replica consumers without acknowledgements.
+
+Prints the servers' CPU milliseconds per message (``/proc/<pid>/stat``, their idle CPU
+subtracted) and messages per second. The CPU figure is what to compare: a record of the
+cluster's write path carries ~650 samples at 12.4 KB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+SETUPS = ("none", "r3-ack", "r3-noack", "r1-mem-noack")
+
+
+def _cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(urls: list[str], cpu, idle_per_s: float, setup: str, size: int, n: int) -> dict:
+    from nats.js import api
+
+    from store.natslog import NatsConnection, NatsLog, wait_future
+
+    stream = f"cost_{setup.replace('-', '_')}_{os.getpid()}"
+    lg = NatsLog(urls, stream, replicas=3, timeout_s=10)
+    readers = []
+    if setup != "none":
+        for i in range(3):
+            conn = NatsConnection(urls, f"reader {i}")
+            ack = setup == "r3-ack"
+            cfg = api.ConsumerConfig(
+                name=f"r{i}", durable_name=f"r{i}", deliver_policy=api.DeliverPolicy.ALL,
+                ack_policy=api.AckPolicy.ALL if ack else api.AckPolicy.NONE, max_ack_pending=10000 if ack else None,
+                mem_storage=True if setup.startswith("r1") else None, num_replicas=1 if setup.startswith("r1") else None)
+
+            async def bind(conn=conn, cfg=cfg):
+                info = await conn.jsm.add_consumer(stream, cfg)
+                return await conn.js.pull_subscribe_bind(consumer=info.name, stream=stream)
+
+            readers.append((conn, conn.run(bind(), 10, "create consumer"), ack))
+    got = [0] * len(readers)
+    stop = threading.Event()
+
+    def read(i: int) -> None:
+        conn, sub, ack = readers[i]
+
+        async def fetch() -> int:
+            try:
+                msgs = await sub.fetch(batch=256, timeout=0.5)
+            except Exception:
+                return 0
+            if ack and msgs:
+                await msgs[-1].ack()
+            return len(msgs)
+
+        while not stop.is_set():
+            k = conn.run(fetch(), 5, "fetch")
+            got[i] += k
+            if k < 256:
+                time.sleep(0.1)  # the replicas' fetch linger
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(len(readers))]
+    for t in threads:
+        t.start()
+    record = os.urandom(size)
+    c0, t0 = cpu(), time.monotonic()
+
+    def write(w: int) -> None:
+        for i in range(n // 2):
+            wait_future(lg.publish_async(record, f"{w}-{i}"), 10, "publish")
+
+    writers = [threading.Thread(target=write, args=(w,)) for w in range(2)]
+    for t in writers:
+        t.start()
+    for t in writers:
+        t.join()
+    while got and min(got) < n // 2 * 2 and time.monotonic() - t0 < 120:
+        time.sleep(0.05)
+    elapsed = time.monotonic() - t0
+    used = cpu() - c0 - idle_per_s * elapsed
+    stop.set()
+    for t in threads:
+        t.join()
+    for conn, _, _ in readers:
+        conn.close()
+    lg.close()
+    return {"setup": setup, "cpu_ms_per_message": round(used * 1000 / n, 3), "messages_per_s": round(n / elapsed)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=12400)
+    ap.add_argument("--messages", type=int, default=3000)
+    ap.add_argument("--setups", default=",".join(SETUPS))
+    args = ap.parse_args()
+    from store.natscluster import NatsCluster
+
+    work = tempfile.mkdtemp(prefix="fb-nats-cost-")
+    cluster = NatsCluster(work)
+    cluster.start()
+    try:
+        pids = [cluster.pid(i) for i in range(cluster.size)]
+
+        def cpu() -> float:
+            return sum(_cpu_s(p) for p in pids)
+
+        time.sleep(3)
+        c0 = cpu()
+        time.sleep(8)
+        idle = (cpu() - c0) / 8
+        results = [measure(cluster.urls, cpu, idle, s, args.size, args.messages) for s in args.setups.split(",")]
+        print(json.dumps({"size": args.size, "messages": args.messages, "idle_cpu_s_per_s": round(idle, 3),
+                          "results": results}, indent=1))
+    finally:
+        cluster.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
