@@ -133,7 +133,7 @@ class Head:
         n = 1024
         # Series table (power-of-two size, at most half full).
         self._table = K.new_table(2 * n)
-        # Per series (their canonical keys are in the table's rows).
+        # The series' canonical keys back to back (a table row says where each one is).
         self._keys = np.zeros(64 * n, dtype=np.uint8)
         self._keys_used = 0
         self._open_ts = np.zeros((n, K.MAX_SAMPLES), dtype=np.int64)
@@ -317,13 +317,8 @@ class Head:
 
     def _create(self, labels: Labels, key: bytes, h: int) -> int:
         ref = len(self._labels)
-        if ref == self._open_n.shape[0]:
-            self._grow_series()
-        if self._keys_used + len(key) > self._keys.shape[0]:
-            self._keys = _grown(self._keys, self._keys_used + len(key))
+        self._reserve(ref + 1, len(key))
         self._keys[self._keys_used:self._keys_used + len(key)] = np.frombuffer(key, dtype=np.uint8)
-        if 2 * (ref + 1) > self._table.shape[0]:
-            self._rehash(2 * self._table.shape[0])
         K.insert(self._table, np.uint64(h), ref, self._keys_used, len(key))
         self._keys_used += len(key)
         self._labels.append(labels)

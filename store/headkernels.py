@@ -5,9 +5,8 @@ can work on whole requests and selections at once:
 
 * series table: open addressing by xxHash64 of the canonical label bytes, with
   linear probing; equal hashes of different label sets (collisions) simply sit
-  in consecutive slots and are told apart by comparing the bytes; a slot's row
-  holds the hash, the series ref and where its key is, so that a probe touches
-  one cache line of the table and then the key;
+  in consecutive slots and are told apart by comparing the bytes (memcmp); a
+  slot's row holds the hash, the series ref and where its key is;
 * per series: the open (not yet cut) chunk as raw timestamps and value bits,
   last timestamp/value, first timestamp, first/last closed chunk;
 * per closed chunk: mint, maxt, offset and length in a byte arena of
@@ -35,7 +34,7 @@ IGNORED_SAME = 4  # same timestamp and value as the last sample: dropped silentl
 SKIPPED = 5  # series rejected before appending (invalid labels)
 
 
-# Columns of the series table: one row per slot, so that a probe reads one cache line.
+# Columns of the series table: one row per slot.
 T_HASH, T_REF, T_KEY_OFF, T_KEY_LEN = range(4)
 TABLE_COLUMNS = 4
 
