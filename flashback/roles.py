@@ -21,7 +21,7 @@ from typing import Callable
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from flashback.config import parse_duration_ms
+from flashback.config import parse_bytes, parse_duration_ms
 from store.httpserver import HTTPServer, Request, Response, Router
 from store.topology import Topology, TopologyError
 from store.topology import load as _load_topology
@@ -162,9 +162,9 @@ def cmd_adapter(args: argparse.Namespace) -> int:
 def cmd_querier(args: argparse.Namespace) -> int:
     from adapter.remote_read import RemoteReadHandler
     from querier.api import QueryAPI, ServerInfo
-    from querier.cluster import ShardedQuerier
+    from querier.cluster import PersistedHeads, ShardedQuerier
     from querier.engine import Engine
-    from querier.frontend import QueryFrontend
+    from querier.frontend import AllChanges, BlockChanges, QueryFrontend
     from querier.tiered import BucketBlocks, TieredQuerier
     from store.block import BlockCaches
     from store.bucket import MetricsBucket, RetryingBucket, bucket_from_config
@@ -191,9 +191,14 @@ def cmd_querier(args: argparse.Namespace) -> int:
     engine = Engine(lookback_delta_ms=args.lookback_delta_ms, delayed_name_removal=False)
     info = ServerInfo(config_yaml=open(args.topology).read(), flags={"topology": args.topology, "listen": args.listen},
                       start_time=time.time(), cwd=os.getcwd())
-    # The heads live in other processes: no change feed, so range queries are split and shared but
-    # not cached (querier/frontend.py).
-    frontend = QueryFrontend(engine, changes=None, registry=registry, cache_metrics=cache_metrics)
+    # The heads live in other processes: answers are cached only for ranges every shard's heads
+    # refuse writes to (before the persisted watermark), as long as the bucket's blocks there stay
+    # the same (querier/cluster.py PersistedHeads, querier/frontend.py).
+    feeds = [PersistedHeads(shards, pool)]
+    if blocks is not None:
+        feeds.append(BlockChanges(blocks.live))
+    frontend = QueryFrontend(engine, changes=AllChanges(feeds), cache_bytes=args.results_cache_bytes,
+                             registry=registry, cache_metrics=cache_metrics)
     router.include(QueryAPI(querier, engine, time.time, info, frontend).router())
     _status_route(router, shards, pool)
     role = Role("querier", args.listen, registry, router, lambda: True)
@@ -258,6 +263,12 @@ def configure(sub: argparse._SubParsersAction) -> None:
             raise argparse.ArgumentTypeError(f"{v!r}: must be positive")
         return ms
 
+    def size(v: str) -> int:
+        try:
+            return parse_bytes(v, "size")
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
     def levels(v: str) -> tuple[int, ...]:
         try:
             out = tuple(int(x) for x in v.split(","))
@@ -299,6 +310,8 @@ def configure(sub: argparse._SubParsersAction) -> None:
     qu.add_argument("--replica-timeout", type=float, default=10.0, help="seconds before trying another replica")
     qu.add_argument("--sync-block-duration", dest="sync_block_s", type=lambda v: duration(v) / 1000, default=30.0,
                     help="how often the bucket's list of blocks is refreshed (default 30s)")
+    qu.add_argument("--query.results-cache-size", dest="results_cache_bytes", default=256 << 20, type=size,
+                    help="bytes of cached range-query answers (default 256MiB; 0 turns the cache off)")
     qu.set_defaults(func=cmd_querier)
 
     co = sub.add_parser("compactor", help="run the compactor of one shard (cluster mode)")

@@ -127,3 +127,56 @@ def cluster_status(shards: Sequence[ShardReplicas], pool: ThreadPoolExecutor) ->
 
     futures = [[pool.submit(one, n, c) for n, c in s.replicas] for s in shards]
     return [{"shard": s.name, "replicas": [f.result() for f in fs]} for s, fs in zip(shards, futures)]
+
+
+INT64_MIN = -(2**63)
+
+
+class PersistedHeads:
+    """``ChangeFeed`` (querier/frontend.py) of head replicas in other processes: a range is
+    unchanged only while it lies wholly before every shard's *minimum valid time*.
+
+    A replica refuses samples older than its minimum valid time (the compactor's newest persisted
+    watermark, applied at the same log record on every replica), so data before it can only
+    change in the bucket, which ``BlockChanges`` watches. Everything newer counts as changed:
+    recent days are evaluated every time, older ones are cached. The watermark is the lowest over
+    every shard's ready replicas (the replicas queries are read from); it is asked at most every
+    ``ttl_s``, and a stale watermark is only lower, which keeps fewer answers, never a wrong one.
+    ``None`` (a shard with no ready replica answering) keeps nothing.
+    """
+
+    def __init__(self, shards: Sequence[ShardReplicas], pool: ThreadPoolExecutor, ttl_s: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._shards = list(shards)
+        self._pool = pool
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._cached: tuple[float, int | None] | None = None
+
+    def token(self) -> None:
+        return None
+
+    def changed(self, token: object, ranges: Sequence[tuple[int, int]]) -> bool:
+        watermark = self.watermark()
+        return watermark is None or any(hi >= watermark for _, hi in ranges)
+
+    def watermark(self) -> int | None:
+        """The lowest minimum valid time (ms) of the shards' ready replicas, None if unknown."""
+        now = self._clock()
+        with self._lock:
+            if self._cached is not None and now - self._cached[0] < self._ttl_s:
+                return self._cached[1]
+        lowest: int | None = None
+        for shard in cluster_status(self._shards, self._pool):
+            ready = [r.get("min_valid_time_ms") for r in shard["replicas"] if r.get("healthy") and r.get("ready")]
+            if not ready or not all(isinstance(t, int) for t in ready):
+                lowest = None  # unknown for this shard: nothing may be kept
+                break
+            lowest = min(ready) if lowest is None else min(lowest, min(ready))
+        if lowest is not None and lowest == INT64_MIN:
+            lowest = None
+        with self._lock:
+            self._cached = (now, lowest)
+        return lowest
+

@@ -759,6 +759,9 @@ class HeadReplica:
             "healthy": self.healthy,
             "error": None if self._error is None else f"{type(self._error).__name__}: {self._error}",
             "series": self._head.num_series(),
+            # Samples older than this are refused (persisted by the compactor): what a querier's
+            # results cache may rely on (querier/cluster.py PersistedHeads).
+            "min_valid_time_ms": self._head.min_valid_time,
         }
 
     # --- closing -----------------------------------------------------------------------------

@@ -171,6 +171,15 @@ def test_cluster_windows_roll_into_blocks_with_unchanged_answers(setup):
     assert _answers(querier, start_s + 60, q_end) == before
     assert get_json(querier, "/api/v1/query", {"query": "tier_late[1d]", "time": end_s})["data"]["result"] == []
 
+    # That range is older than every shard's persisted watermark now: the querier's results cache
+    # answers it, with the same answers.
+    def from_cache() -> float:
+        return _metric(http, "flashback_query_frontend_splits_total", 'source="cache"')
+
+    cached = from_cache()
+    assert _answers(querier, start_s + 60, q_end) == before
+    assert from_cache() > cached
+
     # The bucket alone holds the same answers: a single node with an empty head and no compactor.
     config = tmp / "bucket-only.yml"
     config.write_text(yaml.safe_dump({"bucket": s3.objstore_config("blocks"), "compactor": {"enabled": False}}))

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from querier.cluster import ShardedQuerier, ShardReplicas, ShardUnavailable, cluster_status
+from querier.cluster import PersistedHeads, ShardedQuerier, ShardReplicas, ShardUnavailable, cluster_status
 from querier.engine import Engine
 from store.errors import InvalidMatcher, ReplicaUnavailable
 from store.head import Head, HeadOptions
@@ -120,3 +120,84 @@ def test_a_shard_with_no_replica_fails_the_query_or_warns(pool):
     st = cluster_status(shards, pool)
     assert st[0]["replicas"][0] == {"applied": 7, "lag": 0, "name": "r0", "healthy": True}
     assert st[1]["replicas"][1]["healthy"] is False and "connection refused" in st[1]["replicas"][1]["error"]
+
+
+# ---- the results cache's change feed for heads in other processes ---------------------------
+
+class StatusReplica(Replica):
+    """A replica whose status says its minimum valid time and readiness."""
+
+    def __init__(self, head: Head, name: str, min_valid: int, ready: bool = True) -> None:
+        super().__init__(head, name)
+        self.min_valid, self.ready = min_valid, ready
+
+    def status(self):
+        self._check()
+        return {"ready": self.ready, "lag": 0, "min_valid_time_ms": self.min_valid}
+
+
+def _shards(*min_valids):
+    """One shard per tuple of replica minimum valid times."""
+    return [ShardReplicas(f"s{k}", [(f"r{i}", StatusReplica(Head(), f"r{i}", mv)) for i, mv in enumerate(mvs)])
+            for k, mvs in enumerate(min_valids)]
+
+
+def test_persisted_heads_keep_only_ranges_before_every_shards_watermark(pool):
+    shards = _shards((5_000, 5_000, 6_000), (7_000, 9_000, 7_000))
+    now = [0.0]
+    feed = PersistedHeads(shards, pool, ttl_s=5.0, clock=lambda: now[0])
+    assert feed.watermark() == 5_000  # the lowest of every shard's ready replicas
+    token = feed.token()
+    assert not feed.changed(token, [(0, 1_000), (2_000, 4_999)])
+    assert feed.changed(token, [(0, 1_000), (4_000, 5_000)])  # 5000 may still be written
+
+    # Replicas that are down or not ready do not count; a shard with none left keeps nothing.
+    shards[0].replicas[0][1].down = True
+    shards[0].replicas[1][1].ready = False
+    now[0] += 1.0
+    assert feed.watermark() == 5_000  # within the TTL: the value asked before
+    now[0] += 5.0
+    assert feed.watermark() == 6_000
+    for _, r in shards[1].replicas:
+        r.down = True
+    now[0] += 5.0
+    assert feed.watermark() is None and feed.changed(token, [(0, 1)])
+
+
+def test_persisted_heads_before_any_watermark_keep_nothing(pool):
+    feed = PersistedHeads(_shards((MIN, MIN)), pool)
+    assert feed.watermark() is None and feed.changed(None, [(MIN, MIN + 1)])
+    missing = [ShardReplicas("s", [("r0", Replica(Head(), "r0"))])]  # a status without the field
+    assert PersistedHeads(missing, pool).watermark() is None
+
+
+def test_cluster_front_caches_days_before_the_watermark_and_evaluates_the_rest(pool):
+    """The querier role's front (PersistedHeads + BlockChanges): old days come from the cache,
+    the days the heads still take writes for are evaluated every time, and a new block in an
+    old day makes that day evaluated again."""
+    from querier.frontend import AllChanges, BlockChanges, QueryFrontend
+
+    day = 24 * 3600_000
+    t0 = 20_000 * day
+    series = [([("__name__", "m"), ("i", str(i))], [(t0 + k * 600_000, float(k)) for k in range(3 * 144)])
+              for i in range(6)]
+    heads = _heads(2, series)
+    shards = [ShardReplicas(f"s{k}", [("r0", StatusReplica(h, "r0", t0 + 2 * day))]) for k, h in enumerate(heads)]
+    blocks = [("A", t0, t0 + day)]
+    front = QueryFrontend(Engine(), changes=AllChanges([PersistedHeads(shards, pool, ttl_s=0),
+                                                        BlockChanges(lambda: list(blocks))]), split_interval_ms=day)
+    calls = []
+
+    def querier():
+        calls.append(1)
+        return ShardedQuerier(shards, pool)
+
+    expr = "sum(count_over_time(m[1h]))"
+    first = front.range(querier, expr, t0, t0 + 3 * day - 1, 3600_000)
+    assert len(calls) == 3
+    again = front.range(querier, expr, t0, t0 + 3 * day - 1, 3600_000)
+    assert len(calls) == 4  # days 1 and 2 cached; day 3 (after the watermark) evaluated again
+    assert [s.values.tolist() for s in again.data] == [s.values.tolist() for s in first.data]
+    blocks.append(("B", t0 + 2 * 3600_000, t0 + 6 * 3600_000))  # e.g. a backfilled block early in day 1
+    front.range(querier, expr, t0, t0 + 3 * day - 1, 3600_000)
+    assert len(calls) == 6  # day 1 (its blocks changed) and day 3
