@@ -27,9 +27,10 @@ and is used again only while the feed reports no change in those ranges since th
 a ``store.changes.ChangeTracker`` marks where each append wrote, so a late write into a cached
 range invalidates exactly the answers that read it; for the bucket, the set of blocks overlapping
 those ranges must be unchanged (a new, compacted or deleted block invalidates them). Answers with
-storage warnings (a partial response) are not cached. Without a change feed (e.g. a querier of a
-cluster, whose heads live in other processes) nothing is cached; splitting and deduplication still
-apply.
+storage warnings (a partial response) are not cached. Without a change feed nothing is cached;
+splitting and deduplication still apply. A querier of a cluster, whose heads live in other
+processes, uses ``querier.cluster.PersistedHeads``: only ranges before every shard's persisted
+watermark, where the heads refuse writes, count as unchanged.
 
 Identical work at once
 ----------------------
