@@ -124,8 +124,16 @@ class LocalCluster:
 
     def start(self, timeout: float = 120, compactors: bool = True) -> "LocalCluster":
         """Starts NATS and every role and waits until all are ready; the compactors only if
-        ``compactors`` (else ``start_compactors`` does later)."""
+        ``compactors`` (else ``start_compactors`` does later). If a role exits or is not ready
+        in time, everything started is stopped again and the error raised."""
         self.nats.start()
+        try:
+            return self._start_roles(timeout, compactors)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_roles(self, timeout: float, compactors: bool) -> "LocalCluster":
         # Two ports per replica, one per compactor, adapter and querier: allocated together.
         ports = iter(_free_ports(2 * self.n_shards * self.n_replicas + self.n_shards + 2))
         shards = []

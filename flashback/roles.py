@@ -255,10 +255,13 @@ def configure(sub: argparse._SubParsersAction) -> None:
     """Adds the role subcommands and ``cluster up`` to the ``flashback`` parser."""
 
     def duration(v: str) -> int:
-        return parse_duration_ms(v, "duration")
+        try:
+            return parse_duration_ms(v, "duration")
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
 
     def positive_duration(v: str) -> int:
-        ms = parse_duration_ms(v, "duration")
+        ms = duration(v)
         if ms <= 0:
             raise argparse.ArgumentTypeError(f"{v!r}: must be positive")
         return ms

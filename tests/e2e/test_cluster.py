@@ -56,6 +56,18 @@ def cluster(tmp_path_factory):
         c.stop()
 
 
+def test_a_cluster_that_fails_to_start_leaves_nothing_running(tmp_path):
+    """A role that exits while the cluster starts fails ``start`` with its log, and every process
+    already started (NATS included) is stopped, not left behind."""
+    from flashback.launcher import LocalCluster
+
+    c = LocalCluster(str(tmp_path / "c"), shards=1, replicas=1, store_flags=["--head.retention", "0s"])
+    with pytest.raises(RuntimeError, match=r"(?s)store-shard-0-r0 exited with 2.*--head.retention: '0s': must be positive"):
+        c.start(timeout=60)
+    assert not any(c.nats.running(i) for i in range(c.nats.size))
+    assert all(p.proc is None or p.proc.poll() is not None for p in c.processes.values())
+
+
 def _adapter_port(c) -> int:
     return _port(c.processes["adapter"].http)
 
