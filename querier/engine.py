@@ -32,11 +32,10 @@ from querier import aggregations, binops, functions
 from querier.errors import QueryCanceled, ExecutionError, ParseError, QueryTimeout, TooManySamples, Unsupported
 from querier.values import (DropNameLabels, RangeSeries, RangeVector, Result, Sample, Scalar, String, Value,
                             Vector, finish_name, is_stale, mark_drop_name, window_indices)
-from store.head import flatten as head_flatten
 from store.labels import METRIC_NAME, Labels
 from store.matchers import Matcher, MatchType
 from store.errors import SampleLimitExceeded
-from store.storage import Querier, SampleBudget, SelectHints
+from store.storage import Querier, SampleBudget, SelectHints, common_gatherer
 
 _MATCH_OPS = {"MatchOp.Equal": MatchType.EQ, "MatchOp.NotEqual": MatchType.NEQ,
               "MatchOp.Re": MatchType.RE, "MatchOp.NotRe": MatchType.NRE}
@@ -326,7 +325,8 @@ def select(ctx: EvalContext, vs: pp.VectorSelector, mint: int, maxt: int, range_
     try:
         series = ctx.querier.select(selector_matchers(vs), mint, maxt, hints)
         labels = [s.labels for s in series]
-        flat = head_flatten(series)  # one gather for a head selection
+        gatherer = common_gatherer(series)  # e.g. a head selection: one decoding for all its series
+        flat = gatherer.gather(series) if gatherer is not None else None
     except SampleLimitExceeded:
         raise TooManySamples(TOO_MANY_SAMPLES) from None
     if flat is not None:

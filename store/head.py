@@ -621,6 +621,17 @@ class _Selection:
     _decoded: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     _decode_lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def gather(self, series: Sequence["HeadSeries"]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``store.storage.Gatherer``: the samples of ``series`` of this selection, in their order,
+        from one decoding of the whole selection."""
+        ks = np.fromiter((s._k for s in series), dtype=np.int64, count=len(series))
+        ts, vals, starts = self.decoded()
+        lens = starts[ks + 1] - starts[ks]
+        offsets = np.zeros(len(series) + 1, dtype=np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        idx = np.repeat(starts[ks] - offsets[:-1], lens) + np.arange(offsets[-1], dtype=np.int64)
+        return ts[idx], vals[idx], offsets
+
     def decoded(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """All selected series' samples at once (one compiled call): ts, values, per-series offsets."""
         with self._decode_lock:
@@ -684,28 +695,13 @@ class HeadSeries:
     def chunks(self) -> Iterator[Chunk]:
         return self._sel.chunks(self._k)
 
+    @property
+    def selection(self) -> "_Selection":
+        """The selection this series is of (a ``store.storage.Gatherer``)."""
+        return self._sel
+
     def __repr__(self) -> str:
         return f"HeadSeries({self.labels})"
-
-
-def flatten(series: Sequence["HeadSeries"]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """The samples of ``series`` (one head selection, any order) as flat arrays: timestamps,
-    values and per-series offsets, gathered in one step; None if the series are not all of one
-    head selection (the caller then reads them one by one)."""
-    if not series or not isinstance(series[0], HeadSeries):
-        return None
-    sel = series[0]._sel
-    ks = np.empty(len(series), dtype=np.int64)
-    for i, s in enumerate(series):
-        if not isinstance(s, HeadSeries) or s._sel is not sel:
-            return None
-        ks[i] = s._k
-    ts, vals, starts = sel.decoded()
-    lens = starts[ks + 1] - starts[ks]
-    offsets = np.zeros(len(series) + 1, dtype=np.int64)
-    np.cumsum(lens, out=offsets[1:])
-    idx = np.repeat(starts[ks] - offsets[:-1], lens) + np.arange(offsets[-1], dtype=np.int64)
-    return ts[idx], vals[idx], offsets
 
 
 def _fmt(pairs: list[tuple[str, str]]) -> str:

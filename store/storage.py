@@ -80,6 +80,28 @@ class Series(Protocol):
         """Encoded chunks covering the selected range, in time order, as stored (not re-cut)."""
 
 
+class Gatherer(Protocol):
+    """A selection that reads the samples of several of its series in one step (the head's)."""
+
+    def gather(self, series: Sequence[Series]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The samples of ``series`` (all of this selection, any order) end to end: timestamps,
+        values and per-series offsets (series ``i`` owns ``[offsets[i], offsets[i+1])``)."""
+
+
+def common_gatherer(series: Sequence[Series]) -> Gatherer | None:
+    """The selection every one of ``series`` comes from, if it is a ``Gatherer`` (series expose it
+    as their ``selection``); None otherwise, and the caller reads the series one by one."""
+    if not series:
+        return None
+    sel = getattr(series[0], "selection", None)
+    if sel is None or not hasattr(sel, "gather"):
+        return None
+    for s in series:
+        if getattr(s, "selection", None) is not sel:
+            return None
+    return sel
+
+
 class Querier(Protocol):
     """Reads series by label matchers and time.
 

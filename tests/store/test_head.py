@@ -251,19 +251,24 @@ def test_min_valid_time_rejects_older_appends_as_out_of_bounds():
     assert res.appended == 1 and res.rejected["out_of_bounds"][0] == 1
 
 
-def test_flatten_gathers_a_selection_in_the_given_order():
-    from store.head import flatten
+def test_a_head_selection_gathers_its_series_in_the_given_order():
+    from store.storage import common_gatherer
 
     head = Head(HeadOptions(out_of_bounds_window_ms=2**62, max_ahead_ms=2**62))
     _append(head, [([("__name__", n)], [(t, float(i * 1000 + t)) for t in range(i + 1)])
                    for i, n in enumerate(["c", "a", "b"])])
     series = head.select([Matcher(MatchType.RE, "__name__", ".+")], MIN, MAX)
     series = [series[2], series[0], series[1]]  # any order: c, a, b
-    ts, vals, offsets = flatten(series)
+    gatherer = common_gatherer(series)
+    assert gatherer is not None
+    ts, vals, offsets = gatherer.gather(series)
     assert offsets.tolist() == [0, 1, 3, 6]
     assert ts.tolist() == [0, 0, 1, 0, 1, 2]
     assert vals.tolist() == [0.0, 1000.0, 1001.0, 2000.0, 2001.0, 2002.0]  # c, a, b as given
-    assert flatten([]) is None
+    assert common_gatherer([]) is None
+    # Series of two selections (or of another kind) are read one by one.
+    other = head.select([Matcher(MatchType.EQ, "__name__", "a")], MIN, MAX)
+    assert common_gatherer(series + other) is None
 
 
 # ---- creating new series in bulk (the compiled checks of canonical keys) ---------------
