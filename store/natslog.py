@@ -2,7 +2,7 @@
 
 ``NatsLog`` is the writer's side (the adapter) and implements the ``Log``
 Protocol of ``store.wal``; ``NatsConsumer`` is a head replica's side, a
-durable pull consumer that yields ``(stream_sequence, record)`` in order.
+named pull consumer that yields ``(stream_sequence, record)`` in order.
 Stream, subject, message and header layout are documented in
 ``store/docs/format/natslog.md``.
 
@@ -518,7 +518,7 @@ class NatsLog:
         end = self.last_seq()
         if end <= after:
             return
-        reader = _Reader(self._client, self.stream, None, after + 1, self.timeout_s, ack_wait_s=30.0)
+        reader = _Reader(self._client, self.stream, None, after + 1, self.timeout_s)
         try:
             while reader.next_seq <= end:
                 batch = reader.fetch(min(256, end - reader.next_seq + 1), self.timeout_s)
@@ -567,23 +567,25 @@ class NatsLog:
 class _Reader:
     """Reads a stream in order from ``next_seq`` through a pull consumer.
 
-    ``durable`` names a durable consumer (it survives this process; one that exists is
-    deleted and created again, because a consumer's start sequence cannot be changed);
-    ``None`` makes an ephemeral one that the server removes soon after it is no longer used.
+    ``durable`` names the consumer (a replica's: one that exists is deleted and created again,
+    because a consumer's start sequence cannot be changed); ``None`` lets the server name it.
 
-    Acknowledgements are cumulative (``AckPolicy.ALL``) and sent at most every
-    ``ack_interval_s`` or every ``ACK_EVERY`` records, not after every fetch: a replica
-    that keeps up fetches one or two records at a time, and every acknowledgement of a
-    replicated consumer is a Raft proposal on the NATS servers. Nothing depends on the
-    acknowledged position (a replica recreates its consumer at its checkpoint + 1 on every
-    start), acknowledgements only keep JetStream from redelivering, so the interval stays
-    well below ``ack_wait_s``.
+    The consumer is in memory on one server, without acknowledgements (``AckPolicy.NONE``):
+    the reader knows its position (``next_seq``) and a replica its checkpoint, so nothing
+    depends on the consumer's state. A replicated, acknowledged consumer made every delivery
+    and acknowledgement a Raft proposal on three servers: the NATS servers spent 1.25 ms of CPU
+    per 12 KB record with three such consumers, 0.95 ms with these
+    (``deploy/bench/nats_publish_cost.py``). When the consumer's server fails, the consumer is
+    gone: its reader sees no records while the stream has some, and recreates it (for a head
+    replica after ``stall_timeout_s``), which places it on a live server. The server removes a
+    consumer nobody fetched from for ``INACTIVE_S`` (a replica that went away for good).
     """
 
-    ACK_EVERY = 256
+    INACTIVE_S = 600.0
+    DELETE_ATTEMPT_S = 2.0  # deleting a consumer whose server died is not answered, yet done
 
-    def __init__(self, client: NatsConnection, stream: str, durable: str | None, start_seq: int, timeout_s: float,
-                 ack_wait_s: float) -> None:
+    def __init__(self, client: NatsConnection, stream: str, durable: str | None, start_seq: int,
+                 timeout_s: float) -> None:
         if start_seq < 1:
             raise ValueError(f"start sequence {start_seq} of stream {stream}: sequences start at 1")
         self._client = client
@@ -591,11 +593,6 @@ class _Reader:
         self.durable = durable
         self.next_seq = start_seq
         self._timeout_s = timeout_s
-        self._ack_wait_s = ack_wait_s
-        self._ack_interval_s = min(1.0, ack_wait_s / 4)
-        self._unacked: Any = None  # the newest delivered message not acknowledged yet
-        self._unacked_n = 0
-        self._acked_at = time.monotonic()
         self._consumer: str | None = None
         self._sub: Any = None
         self._recreate = False
@@ -607,7 +604,6 @@ class _Reader:
         what = f"consumer {self.durable or '(ephemeral)'} of stream {self.stream} at {self.next_seq}"
         deadline = time.monotonic() + self._timeout_s
         await self._check_not_truncated(self.next_seq)
-        self._unacked, self._unacked_n = None, 0  # messages of the consumer replaced here
         if self._sub is not None:
             sub, self._sub = self._sub, None
             try:
@@ -622,14 +618,13 @@ class _Reader:
                 except nats.js.errors.NotFoundError:
                     pass
 
-            await c.retry(delete, deadline, self._timeout_s, f"delete {what}")
+            await c.retry(delete, deadline, min(self._timeout_s, self.DELETE_ATTEMPT_S), f"delete {what}")
         config = api.ConsumerConfig(
             name=self.durable, durable_name=self.durable, deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=self.next_seq, ack_policy=api.AckPolicy.ALL, ack_wait=self._ack_wait_s,
-            max_ack_pending=10000, inactive_threshold=None if self.durable else 60.0,
-            mem_storage=None if self.durable else True, num_replicas=None if self.durable else 1)
+            opt_start_seq=self.next_seq, ack_policy=api.AckPolicy.NONE,
+            inactive_threshold=self.INACTIVE_S if self.durable else 60.0, mem_storage=True, num_replicas=1)
         # Creating consumers sometimes answers 503 or times out under load: retry; creating
-        # the same durable consumer again with the same configuration is idempotent.
+        # the same consumer again with the same configuration is idempotent.
         info = await c.retry(lambda: c.jsm.add_consumer(self.stream, config), deadline, self._timeout_s,
                              f"create {what}")
         self._consumer = info.name
@@ -654,35 +649,24 @@ class _Reader:
         try:
             msgs = await self._sub.fetch(batch=max_records, timeout=timeout_s)
         except (asyncio.TimeoutError, nats.errors.TimeoutError):
-            if self._unacked is not None:  # idle: acknowledge what was held back
-                await self._ack()
             return []
         except Exception as e:
             raise _as_wal_error(e, f"fetch from stream {self.stream}") from e
         out: list[tuple[int, bytes]] = []
-        last_msg = None
         gap = False
         for msg in msgs:
             seq = msg.metadata.sequence.stream
             if seq < self.next_seq:
-                continue  # a redelivery of something already returned
+                continue  # delivered again (a consumer recreated at an earlier position)
             if seq > self.next_seq:
                 gap = True
                 break
             out.append((seq, decode_record(seq, msg.data)))
             self.next_seq += 1
-            last_msg = msg
-        if last_msg is not None:
-            self._unacked = last_msg
-            self._unacked_n += len(out)
-        if self._unacked is not None and (self._unacked_n >= self.ACK_EVERY or gap or
-                                          time.monotonic() - self._acked_at >= self._ack_interval_s):
-            await self._ack()
         if gap:
-            # A message was lost on its way (it would be redelivered out of order after
-            # ack_wait) or the records were purged: start over at the first missing one. The
-            # records read so far are returned first; the next call recreates the consumer
-            # (and raises LogTruncated if the missing records are gone).
+            # A message was lost on its way, or the records were purged: start over at the first
+            # missing one. The records read so far are returned first; the next call recreates
+            # the consumer (and raises LogTruncated if the missing records are gone).
             log.info("consumer gap, recreating", extra={"stream": self.stream, "consumer": self._consumer,
                                                         "seq": self.next_seq})
             self._recreate = True
@@ -690,14 +674,6 @@ class _Reader:
                 await self._create()
                 self._recreate = False
         return out
-
-    async def _ack(self) -> None:
-        msg, self._unacked, self._unacked_n = self._unacked, None, 0
-        self._acked_at = time.monotonic()
-        try:
-            await msg.ack()  # AckPolicy.ALL: acknowledges everything up to it
-        except Exception:
-            log.debug("consumer ack", extra={"stream": self.stream, "consumer": self._consumer}, exc_info=True)
 
     def delete_quietly(self) -> None:
         if self._consumer is None:
@@ -712,13 +688,15 @@ class _Reader:
 
 
 class NatsConsumer:
-    """A head replica's reader: a durable pull consumer yielding records in stream order.
+    """A head replica's reader: a named pull consumer yielding records in stream order.
 
     The consumer named ``durable_name`` is deleted (if it exists) and created again to start
     at ``start_seq`` (the replica's checkpoint + 1): JetStream cannot move a consumer's start.
     Every record from ``start_seq`` on is returned exactly once and in order by ``fetch``;
-    messages JetStream redelivers are skipped, and a gap (a message lost in delivery)
-    recreates the consumer at the first missing sequence.
+    messages delivered again are skipped, and a gap (a message lost in delivery) recreates the
+    consumer at the first missing sequence. The consumer lives in memory on one NATS server and
+    is not acknowledged (see ``_Reader``): if that server fails, ``fetch`` returns nothing and
+    the caller recreates the reader at its position.
 
     Thread-safety: ``fetch`` must not be called from two threads at once; ``last_seq`` and
     ``purge_below`` may be called from any thread.
@@ -729,7 +707,6 @@ class NatsConsumer:
         durable_name: the consumer's name, unique per replica of the shard.
         start_seq: the first sequence to return (>= 1).
         timeout_s: bound of each control call (create, state, purge), retries included.
-        ack_wait_s: after this long without an acknowledgement JetStream redelivers.
         connect_timeout_s: bound of the first connection.
 
     Raises:
@@ -738,13 +715,13 @@ class NatsConsumer:
     """
 
     def __init__(self, servers: list[str], stream: str, durable_name: str, start_seq: int, *,
-                 timeout_s: float = 10.0, ack_wait_s: float = 10.0, connect_timeout_s: float = 10.0) -> None:
+                 timeout_s: float = 10.0, connect_timeout_s: float = 10.0) -> None:
         self.stream = stream
         self.durable_name = durable_name
         self.timeout_s = timeout_s
         self._client = NatsConnection(servers, f"consumer {stream}/{durable_name}", connect_timeout_s, 0.25)
         try:
-            self._reader = _Reader(self._client, stream, durable_name, start_seq, timeout_s, ack_wait_s)
+            self._reader = _Reader(self._client, stream, durable_name, start_seq, timeout_s)
         except BaseException:
             self._client.close()
             raise

@@ -274,7 +274,8 @@ class HeadReplica:
             that is behind fetches full batches without lingering.
         timeout_s: bound of every control call to NATS (create, state, KV, purge).
         stall_timeout_s: a consumer that delivers nothing this long while the stream holds
-            unapplied records is recreated after the last applied record.
+            unapplied records is recreated after the last applied record (its NATS server
+            failed: consumers live in memory on one server, ``store.natslog``).
         checkpoint_bucket: the KV bucket holding the checkpoint sequences.
         registry: where the ``flashback_replica_*`` and ``flashback_head_*`` metrics go; kept
             private if ``None``.
@@ -292,7 +293,7 @@ class HeadReplica:
                  peers: Sequence[str] = (), stream_replicas: int = 3,
                  checkpoint_interval_s: float = 60, poll_interval_s: float = 0.5, fetch_batch: int = 64,
                  fetch_linger_s: float = 0.25,
-                 timeout_s: float = 10.0, stall_timeout_s: float = 30.0, checkpoint_bucket: str = CHECKPOINT_BUCKET,
+                 timeout_s: float = 10.0, stall_timeout_s: float = 5.0, checkpoint_bucket: str = CHECKPOINT_BUCKET,
                  registry: CollectorRegistry | None = None, now: Callable[[], float] = time.time) -> None:
         for what, name in (("stream", stream), ("replica", replica_name), *(("peer", p) for p in peers)):
             if not _NAME.match(name):

@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+from nats.js.api import AckPolicy
 
 from tests.conftest import require_nats
 from store.errors import LogTruncated, LogUnavailable, WALError
@@ -120,23 +121,19 @@ def consumer_info(cluster, stream: str, name: str):
     return asyncio.run(main())
 
 
-def test_acknowledgements_are_batched_but_nothing_is_redelivered(cluster, nlog, stream):
-    # ack_wait 2 s: acknowledgements go out every 0.5 s at most (or every ACK_EVERY records).
-    c = NatsConsumer(cluster.urls, stream, "r0", 1, ack_wait_s=2.0)
+def test_consumers_are_in_memory_unreplicated_and_unacknowledged(cluster, nlog, stream):
+    c = NatsConsumer(cluster.urls, stream, "r0", 1)
     try:
         first = [nlog.append(record(i)) for i in range(3)]
         assert read_all(c, first[-1]) == [(s, record(i)) for i, s in enumerate(first)]
-        # Fetched one by one, as a replica that keeps up does: not every fetch acknowledges.
         more = [nlog.append(record(i)) for i in range(3, 6)]
-        for s in more:
+        for s in more:  # fetched one by one, as a replica that keeps up does
             assert c.fetch(1, 5.0) == [(s, record(s - 1))]
-        # Idle fetches acknowledge what was held back, long before ack_wait, so JetStream
-        # redelivers nothing even after several ack_waits.
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            assert c.fetch(10, 0.3) == []
         info = consumer_info(cluster, stream, "r0")
-        assert (info.num_ack_pending, info.num_redelivered, info.ack_floor.stream_seq) == (0, 0, more[-1])
+        cfg = info.config
+        assert (cfg.ack_policy, cfg.mem_storage, cfg.num_replicas) == (AckPolicy.NONE, True, 1)
+        assert (info.num_ack_pending, info.num_redelivered, info.delivered.stream_seq) == (0, 0, more[-1])
+        assert c.fetch(10, 0.5) == []  # nothing comes again
     finally:
         c.close(delete=True)
 

@@ -403,6 +403,35 @@ def test_consumer_deleted_under_a_running_replica_is_recreated(cluster, nlog, st
         r.close()
 
 
+def test_a_replica_whose_consumer_server_dies_recreates_it_and_catches_up(cluster, nlog, stream, tmp_path):
+    """Consumers live in memory on one NATS server: when it is killed, the replica sees no records
+    while the stream has some, creates its consumer again on a live server after its stall
+    timeout and applies everything, exactly once."""
+    publish(nlog, range(5))
+    r = replica(cluster, stream, "a", tmp_path, stall_timeout_s=2.0)
+    victim = None
+    try:
+        assert r.wait_ready(60)
+        info = jetstream(cluster.urls, lambda jsm, js: jsm.consumer_info(stream, consumer_name(stream, "a")))
+        victim = cluster.index_of(info.cluster.leader)
+        cluster.kill(victim)
+        start = time.monotonic()
+        lg = NatsLog(cluster.urls, stream, replicas=3, timeout_s=15.0)  # the stream may elect a leader
+        try:
+            last = publish(lg, range(5, 10))[-1]
+        finally:
+            lg.close()
+        wait_applied([r], last, 30)
+        assert r.healthy and time.monotonic() - start < 30
+        assert dump(r.head) == dump(reference(record(k) for k in range(10)))
+        info = jetstream(cluster.urls, lambda jsm, js: jsm.consumer_info(stream, consumer_name(stream, "a")))
+        assert info.cluster.leader != cluster.names[victim]
+    finally:
+        r.close()
+        if victim is not None:
+            cluster.restart(victim)
+
+
 def test_stream_leader_killed_while_applying(cluster, stream, tmp_path):
     """Replicas keep applying through the election after the stream leader's SIGKILL and end
     up with the same head as a direct application of what the stream holds."""
