@@ -32,6 +32,11 @@ seconds per million samples:
     after, run 2                 2.23  2.21        4.08   8.53    202 374            717 784  1.57  0.28
     after, 250 ms linger         2.23  2.10        3.73   8.07    213 749            738 559  1.54  0.29
     after, --concurrency 8       2.10  1.46        3.47   7.04    253 514            866 710  1.49  0.29
+    after, quiet (load 1)        2.05  1.83        3.39   7.28    248 900            794 667  1.53  0.31
+    + R1 in-memory consumers
+      without acks (load 2.6)    1.92  1.36        3.13   6.42    284 677            800 490  1.53  0.36
+    the same, whole dump         1.87  1.35        2.41   5.63    323 107            984 091  1.27  0.33
+      (30.1 M samples, no --requests; load 5.6)
 
 The single node gained more than the cluster (the kernels made faster are a larger share of
 its CPU), so the ratio fell while both got faster. What the cluster adds is mostly per message:
