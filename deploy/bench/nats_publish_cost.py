@@ -8,10 +8,11 @@ stream per setup, publishes ``--messages`` records of ``--size`` random bytes th
 reading along (as a shard's three head replicas):
 
 * ``none``: no consumer;
-* ``r3-ack``: durable consumers as the replicas use them (replicated like the stream,
-  cumulative acknowledgements);
+* ``r3-ack``: replicated like the stream, cumulative acknowledgements (what the head replicas
+  used until they moved to ``r1-mem-noack``);
 * ``r3-noack``: the same without acknowledgements;
-* ``r1-mem-noack``: in-memory single-replica consumers without acknowledgements.
+* ``r1-mem-noack``: in-memory single-replica consumers without acknowledgements (what the head
+  replicas use, ``store.natslog``).
 
 Prints the servers' CPU milliseconds per message (``/proc/<pid>/stat``, their idle CPU
 subtracted) and messages per second. The CPU figure is what to compare: a record of the
