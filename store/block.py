@@ -806,6 +806,56 @@ class _Footer:
     col_range: np.ndarray  # [row group, column (t, v; or t and the aggregates), (offset, length)]
 
 
+@dataclass(slots=True)
+class _RowPlan:
+    """The row groups a selection reads, and where each selected series' rows are in their
+    decoded concatenation (shared by raw and downsampled selections)."""
+
+    groups: np.ndarray  # row groups to read, ascending
+    starts: np.ndarray  # per selected series: first and end row in the file
+    ends: np.ndarray
+    lo: np.ndarray  # per selected series: first and last row group holding its rows
+    hi: np.ndarray
+    pos: np.ndarray  # per row group: where its rows start in the concatenation, -1 if not read
+    rg_start: np.ndarray
+
+    @classmethod
+    def of(cls, footer: _Footer, index: _Index, refs: np.ndarray, mint: int, maxt: int) -> "_RowPlan | None":
+        """The plan for series ``refs`` over ``[mint, maxt]``; None when no row group qualifies."""
+        starts = index.first_row[refs]
+        ends = starts + index.num_rows[refs]
+        lo = np.searchsorted(footer.rg_start, starts, "right") - 1
+        hi = np.searchsorted(footer.rg_start, ends - 1, "right") - 1
+        wanted = np.zeros(len(footer.rg_tmin), dtype=bool)
+        for a, b in zip(lo.tolist(), hi.tolist()):
+            wanted[a:b + 1] = True
+        wanted &= (footer.rg_tmin <= maxt) & (footer.rg_tmax >= mint)
+        groups = np.flatnonzero(wanted)
+        if not len(groups):
+            return None
+        pos = np.full(len(footer.rg_tmin), -1, dtype=np.int64)
+        pos[groups] = np.concatenate(([0], np.cumsum(np.diff(footer.rg_start)[groups])[:-1]))
+        return cls(groups, starts, ends, lo, hi, pos, footer.rg_start)
+
+    def spans(self, k: int) -> list[tuple[int, int]]:
+        """``[a, b)`` ranges of selected series ``k``'s rows in the concatenation, in order."""
+        s, e = int(self.starts[k]), int(self.ends[k])
+        rg_start, out = self.rg_start, []
+        for g in range(int(self.lo[k]), int(self.hi[k]) + 1):
+            p = self.pos[g]
+            if p >= 0:
+                first = int(rg_start[g])
+                out.append((max(s, first) - first + p, min(e, int(rg_start[g + 1])) - first + p))
+        return out
+
+
+def _joined(a: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+    """``a`` over ``spans``: a view for one span, a concatenation for several."""
+    if len(spans) == 1:
+        return a[spans[0][0]:spans[0][1]]
+    return np.concatenate([a[x:y] for x, y in spans])
+
+
 def decode_index(data: bytes, context: str) -> _Index:
     """Decodes an index file (its bytes, already checked against meta.json).
 
@@ -1146,38 +1196,17 @@ class BlockReader:
         if not len(refs):
             return []
         footer = self._load_footer(index)
-        starts = index.first_row[refs]
-        ends = starts + index.num_rows[refs]
-        lo = np.searchsorted(footer.rg_start, starts, "right") - 1
-        hi = np.searchsorted(footer.rg_start, ends - 1, "right") - 1
-        wanted = np.zeros(len(footer.rg_tmin), dtype=bool)
-        for a, b in zip(lo.tolist(), hi.tolist()):
-            wanted[a:b + 1] = True
-        wanted &= (footer.rg_tmin <= maxt) & (footer.rg_tmax >= mint)
-        groups = np.flatnonzero(wanted)
-        if not len(groups):
+        plan = _RowPlan.of(footer, index, refs, mint, maxt)
+        if plan is None:
             return []
-        ts, vs = self._read_groups(footer, groups)
-        pos = np.full(len(footer.rg_tmin), -1, dtype=np.int64)  # row group -> offset in ts/vs
-        pos[groups] = np.concatenate(([0], np.cumsum(np.diff(footer.rg_start)[groups])[:-1]))
+        ts, vs = self._read_groups(footer, plan.groups)
         out: list[BlockSeries] = []
-        rg_start = footer.rg_start
         budget = hints.budget if hints is not None else None
         for k, ref in enumerate(refs.tolist()):
-            s, e = int(starts[k]), int(ends[k])
-            pieces_t, pieces_v = [], []
-            for g in range(int(lo[k]), int(hi[k]) + 1):
-                p = pos[g]
-                if p < 0:
-                    continue
-                a = max(s, int(rg_start[g])) - int(rg_start[g]) + p
-                b = min(e, int(rg_start[g + 1])) - int(rg_start[g]) + p
-                pieces_t.append(ts[a:b])
-                pieces_v.append(vs[a:b])
-            if not pieces_t:
+            spans = plan.spans(k)
+            if not spans:
                 continue
-            st = pieces_t[0] if len(pieces_t) == 1 else np.concatenate(pieces_t)
-            sv = pieces_v[0] if len(pieces_v) == 1 else np.concatenate(pieces_v)
+            st, sv = _joined(ts, spans), _joined(vs, spans)
             i, j = np.searchsorted(st, mint, "left"), np.searchsorted(st, maxt, "right")
             if i < j:
                 if budget is not None:
@@ -1197,35 +1226,17 @@ class BlockReader:
         if not len(refs):
             return []
         footer = self._load_footer(index)
-        starts = index.first_row[refs]
-        ends = starts + index.num_rows[refs]
-        lo = np.searchsorted(footer.rg_start, starts, "right") - 1
-        hi = np.searchsorted(footer.rg_start, ends - 1, "right") - 1
-        wanted = np.zeros(len(footer.rg_tmin), dtype=bool)
-        for a, b in zip(lo.tolist(), hi.tolist()):
-            wanted[a:b + 1] = True
-        wanted &= (footer.rg_tmin <= maxt) & (footer.rg_tmax >= mint)
-        groups = np.flatnonzero(wanted)
-        if not len(groups):
+        plan = _RowPlan.of(footer, index, refs, mint, maxt)
+        if plan is None:
             return []
-        cols = self._read_aggregate_groups(footer, groups)
-        pos = np.full(len(footer.rg_tmin), -1, dtype=np.int64)
-        pos[groups] = np.concatenate(([0], np.cumsum(np.diff(footer.rg_start)[groups])[:-1]))
+        cols = self._read_aggregate_groups(footer, plan.groups)
         budget = hints.budget if hints is not None else None
         out: list[AggregateSeries] = []
-        rg_start = footer.rg_start
         for k, ref in enumerate(refs.tolist()):
-            s, e = int(starts[k]), int(ends[k])
-            spans = []
-            for g in range(int(lo[k]), int(hi[k]) + 1):
-                p = pos[g]
-                if p >= 0:
-                    spans.append((max(s, int(rg_start[g])) - int(rg_start[g]) + p,
-                                  min(e, int(rg_start[g + 1])) - int(rg_start[g]) + p))
+            spans = plan.spans(k)
             if not spans:
                 continue
-            parts = {name: np.concatenate([c[a:b] for a, b in spans]) if len(spans) > 1 else c[spans[0][0]:spans[0][1]]
-                     for name, c in cols.items()}
+            parts = {name: _joined(c, spans) for name, c in cols.items()}
             st = parts["t"]
             i, j = np.searchsorted(st, mint, "left"), np.searchsorted(st, maxt, "right")
             if i < j:
