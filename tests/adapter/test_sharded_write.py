@@ -351,14 +351,19 @@ def test_legacy_name_validation(pairs, ok):
     assert post(h, body).status == (204 if ok else 400)
 
 
-def test_native_histograms_are_400_but_the_series_floats_are_published():
-    h, logs, _ = make_handler(2)
+def _float_and_histogram_request() -> bytes:
+    """One series ``h`` with a float sample and a native histogram at T0."""
     r = prompb_ref.WriteRequest()
     ts = r.timeseries.add()
     ts.labels.add(name="__name__", value="h")
     ts.samples.add(timestamp=T0, value=1.5)
     ts.histograms.add(timestamp=T0)
-    body = r.SerializeToString()
+    return r.SerializeToString()
+
+
+def test_native_histograms_are_400_but_the_series_floats_are_published():
+    h, logs, _ = make_handler(2)
+    body = _float_and_histogram_request()
     resp = post(h, body)
     want = Head().append(writerequest.decode(body), T0)
     assert resp.status == 400 and resp.body.decode() == want.message() + "\n"
@@ -549,12 +554,7 @@ def test_requests_the_columns_cannot_carry_go_as_protobuf(unsorted):
     if unsorted:
         body = prompb_ref.write_request([([("job", "a"), ("__name__", "u")], [(T0, 1.0)])])
     else:
-        r = prompb_ref.WriteRequest()
-        ts = r.timeseries.add()
-        ts.labels.add(name="__name__", value="h")
-        ts.samples.add(timestamp=T0, value=1.5)
-        ts.histograms.add(timestamp=T0)
-        body = r.SerializeToString()
+        body = _float_and_histogram_request()
     post(h, body)
     records = [rec for lg in logs for _, rec in lg.records]
     assert len(records) == 1 and not shardrecord.is_columns(records[0])

@@ -102,6 +102,15 @@ def reference(ts, vs, resolution):
     return [rows[k] for k in sorted(rows)]
 
 
+def _assert_same_aggregates(got, want) -> None:
+    """Aggregates equal: times, counts and extremes exactly, sums and counters within 1e-12."""
+    for name in ("t", "count", "min", "max", "start_t"):
+        assert getattr(got, name).tolist() == getattr(want, name).tolist(), name
+    assert got.sum == pytest.approx(want.sum, rel=1e-12)
+    assert got.counter == pytest.approx(want.counter, rel=1e-12)
+    assert got.start_counter == pytest.approx(want.start_counter, rel=1e-12)
+
+
 @pytest.mark.parametrize("kind", ["counter-with-resets", "gauge", "with-nan-and-stale", "one-sample"])
 @pytest.mark.parametrize("resolution", [RES_5M, RES_1H], ids=["5m", "1h"])
 def test_raw_aggregates_match_the_reference(kind, resolution):
@@ -151,11 +160,7 @@ def test_counters_joined_across_blocks_with_resets_inside_and_between():
     assert joined == pytest.approx(whole.counter, rel=1e-12)
     hourly = downsample_aggregates(blocks, RES_1H)
     direct = downsample_raw(ts, vs, RES_1H)
-    for name in ("t", "count", "min", "max", "start_t"):
-        assert getattr(hourly, name).tolist() == getattr(direct, name).tolist(), name
-    assert hourly.sum == pytest.approx(direct.sum, rel=1e-12)
-    assert hourly.counter == pytest.approx(direct.counter, rel=1e-12)
-    assert hourly.start_counter == pytest.approx(direct.start_counter, rel=1e-12)
+    _assert_same_aggregates(hourly, direct)
     assert (hourly.first_t, hourly.first_v, hourly.last_v) == (direct.first_t, direct.first_v, direct.last_v)
 
 
@@ -434,12 +439,7 @@ def test_any_split_into_blocks_joins_back_to_the_whole(seed, cuts, resets):
     blocks = [downsample_raw(ts[(ts >= a) & (ts < b)], vs[(ts >= a) & (ts < b)], RES_5M)
               for a, b in zip(edges, edges[1:])]
     hourly = downsample_aggregates([b for b in blocks if b is not None], RES_1H)
-    direct = downsample_raw(ts, vs, RES_1H)
-    for name in ("t", "count", "min", "max", "start_t"):
-        assert getattr(hourly, name).tolist() == getattr(direct, name).tolist(), name
-    assert hourly.counter == pytest.approx(direct.counter, rel=1e-12)
-    assert hourly.start_counter == pytest.approx(direct.start_counter, rel=1e-12)
-    assert hourly.sum == pytest.approx(direct.sum, rel=1e-12)
+    _assert_same_aggregates(hourly, downsample_raw(ts, vs, RES_1H))
 
 
 def test_flashback_up_downsamples_and_answers_long_steps_from_5m_data(tmp_path):
