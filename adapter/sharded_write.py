@@ -58,7 +58,7 @@ import xxhash
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from adapter.remote_write import _bad, decode_request
-from store import shardrecord, writerequest
+from store import shardrecord, warmup, writerequest
 from store.db import encode_record
 from store.errors import LogUnavailable, WALError
 from store.head import AppendResult, validate_labels
@@ -233,6 +233,16 @@ class ShardedWriteHandler:
         self._now = now
         self._metrics = _Metrics(registry if registry is not None else CollectorRegistry(auto_describe=False),
                                  self._names)
+
+    def warm_up(self) -> None:
+        """Loads the kernels of the write path (``store.warmup``) and of ``split``, without publishing."""
+        warmup.ingest_kernels()
+        t = 1_000_000_000_000
+        for labels in ([("__name__", "flashback_warm_up"), ("series", "{}")],
+                       [("series", "{}"), ("__name__", "flashback_warm_up")]):  # columns and protobuf parts
+            # Several series: numba compiles column views of one row as contiguous arrays.
+            body = writerequest.encode(([(n, v.format(i)) for n, v in labels], [(t, 1.0)]) for i in range(4))
+            self.split(writerequest.decode(body), AppendResult(), t)
 
     def route(self, router: Router) -> None:
         router.route("/api/v1/write", self, ("POST",), name="remote_write", max_body=self.max_body_bytes)

@@ -22,6 +22,7 @@ from querier.api import QueryAPI, ServerInfo
 from querier.engine import Engine
 from querier.frontend import AllChanges, BlockChanges, HeadChanges, QueryFrontend
 from querier.tiered import BucketBlocks, TieredQuerier
+from store import warmup
 from store.block import BlockCaches
 from store.cache import CacheMetrics
 from store.bucket import MetricsBucket, RetryingBucket, bucket_from_config
@@ -109,6 +110,7 @@ class App:
         return self.server.address
 
     def start(self) -> None:
+        warmup.ingest_kernels()  # before the first write, not during it
         self.db.start()
         if self.compactor is not None:
             self.compactor.start(self.options.compactor.interval_s)

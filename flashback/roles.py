@@ -101,11 +101,13 @@ def cmd_store(args: argparse.Namespace) -> int:
     from store.head import HeadOptions
     from store.headrpc import HeadService
     from store.errors import LogUnavailable
+    from store import warmup
     from store.replica import HeadReplica
 
     topology = load_topology(args.topology)
     shard = topology.shard(args.shard)
     shard.replica(args.replica)
+    warmup.ingest_kernels()
     registry = CollectorRegistry()
     deadline = time.monotonic() + args.start_timeout
     while True:  # NATS may be electing a leader or restarting: keep trying, as a supervisor would
@@ -113,7 +115,8 @@ def cmd_store(args: argparse.Namespace) -> int:
             replica = HeadReplica(list(topology.nats), shard.stream, args.replica, args.data_dir,
                                   head_options=HeadOptions(chunk_range_ms=args.chunk_range_ms),
                                   retention_ms=args.retention_ms, stream_replicas=topology.stream_replicas,
-                                  peers=[r.name for r in shard.replicas], registry=registry)
+                                  peers=[r.name for r in shard.replicas], checkpoint_interval_s=args.checkpoint_interval_s,
+                                  registry=registry)
             break
         except (LogUnavailable, TimeoutError, OSError) as e:
             if time.monotonic() > deadline:
@@ -144,7 +147,9 @@ def cmd_adapter(args: argparse.Namespace) -> int:
     logs = [NatsLog(list(topology.nats), s.stream, replicas=topology.stream_replicas, registry=None,
                     connection=connection) for s in topology.shards]
     router = Router()
-    ShardedWriteHandler(topology, logs, max_body_bytes=args.max_body_bytes, registry=registry).route(router)
+    handler = ShardedWriteHandler(topology, logs, max_body_bytes=args.max_body_bytes, registry=registry)
+    handler.warm_up()
+    handler.route(router)
     pool = ThreadPoolExecutor(8)
     shards = _replica_clients(topology, timeout_s=2.0)
     _status_route(router, shards, pool)
@@ -297,6 +302,10 @@ def configure(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--head.retention", dest="retention_ms", type=positive_duration, default=28 * 3600_000,
                     help="persisted data stays in the head until it is this old by the log's clock "
                          "(default 28h; the same on every replica of a shard)")
+    st.add_argument("--checkpoint-interval", dest="checkpoint_interval_s", type=lambda v: positive_duration(v) / 1000,
+                    default=300.0, help="how often the head is checkpointed, after which the shard's log is purged "
+                                        "below the lowest checkpoint of its replicas (default 5m, as the single "
+                                        "node's wal.checkpoint_interval)")
     st.add_argument("--start-timeout", type=float, default=300.0,
                     help="seconds to keep retrying while NATS cannot be reached at start")
     st.set_defaults(func=cmd_store)

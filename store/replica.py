@@ -291,7 +291,7 @@ class HeadReplica:
     def __init__(self, servers: list[str], stream: str, replica_name: str, data_dir: str, *,
                  head_options: HeadOptions = HeadOptions(), retention_ms: int = DBOptions().retention_ms,
                  peers: Sequence[str] = (), stream_replicas: int = 3,
-                 checkpoint_interval_s: float = 60, poll_interval_s: float = 0.5, fetch_batch: int = 64,
+                 checkpoint_interval_s: float = DBOptions().checkpoint_interval_s, poll_interval_s: float = 0.5, fetch_batch: int = 64,
                  fetch_linger_s: float = 0.25,
                  timeout_s: float = 10.0, stall_timeout_s: float = 5.0, checkpoint_bucket: str = CHECKPOINT_BUCKET,
                  registry: CollectorRegistry | None = None, now: Callable[[], float] = time.time) -> None:

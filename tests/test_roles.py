@@ -28,7 +28,7 @@ def test_compactor_refuses_bad_levels(tmp_path, levels):
     assert out.returncode == 2 and "argument --levels" in out.stderr and "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize("flag", ["--head.retention", "--head.chunk-range"])
+@pytest.mark.parametrize("flag", ["--head.retention", "--head.chunk-range", "--checkpoint-interval"])
 @pytest.mark.parametrize("value", ["0s", "soon"])
 def test_store_refuses_bad_head_durations(tmp_path, flag, value):
     out = subprocess.run([sys.executable, "-m", "flashback", "store", "--topology", str(tmp_path / "t.yml"),
