@@ -1,12 +1,16 @@
-"""C's memcmp and memcpy on byte arrays, for compiled loops (numba intrinsics).
+"""C's memcmp and memcpy, and unaligned little-endian loads, on byte arrays, for compiled loops
+(numba intrinsics).
 
 numba compiles a byte-by-byte loop with an early exit into one comparison per byte; on label
 keys of ~100 bytes libc's vectorised routines are several times faster (series lookup in the
-head: 0.18 -> 0.04 us per series). Both take contiguous uint8 arrays and offsets, and do no
-bounds checks: callers pass ranges inside the arrays.
+head: 0.18 -> 0.04 us per series). Likewise a word assembled from eight byte reads stays eight
+loads (XXH64 of label keys: 50 -> 15 ns per key). All take contiguous uint8 arrays and offsets,
+and do no bounds checks: callers pass ranges inside the arrays.
 """
 
 from __future__ import annotations
+
+import sys
 
 import numba
 from llvmlite import ir
@@ -60,6 +64,34 @@ def memcpy(typingctx, dst, do, src, so, n):
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+def _load(bits: int):
+    @intrinsic
+    def load(typingctx, a, p):
+        if not _byte_arrays(a):
+            return None
+        sig = types.uint64(a, p)
+
+        def codegen(context, builder, signature, args):
+            t = signature.args
+            ptr = builder.bitcast(_address(context, builder, t[0], args[0], t[1], args[1]),
+                                  ir.IntType(bits).as_pointer())
+            v = builder.load(ptr, align=1)
+            if sys.byteorder != "little":
+                v = builder.call(cgutils.get_or_insert_function(
+                    builder.module, ir.FunctionType(ir.IntType(bits), [ir.IntType(bits)]), f"llvm.bswap.i{bits}"), [v])
+            return builder.zext(v, ir.IntType(64)) if bits < 64 else v
+
+        return sig, codegen
+
+    return load
+
+
+load_u64le = _load(64)
+load_u64le.__doc__ = "a[p:p+8] as a little-endian uint64 (any alignment)."
+load_u32le = _load(32)
+load_u32le.__doc__ = "a[p:p+4] as a little-endian uint32, widened to uint64 (any alignment)."
 
 
 @numba.njit(cache=True, inline="always")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from store.bytesops import load_u32le, load_u64le
+
 P1 = np.uint64(0x9E3779B185EBCA87)
 P2 = np.uint64(0xC2B2AE3D27D4EB4F)
 P3 = np.uint64(0x165667B19E3779F9)
@@ -19,22 +21,6 @@ P5 = np.uint64(0x27D4EB2F165667C5)
 @numba.njit(cache=True, inline="always")
 def _rotl(x, r):
     return (x << np.uint64(r)) | (x >> np.uint64(64 - r))
-
-
-@numba.njit(cache=True, inline="always")
-def _read64(buf, p):
-    v = np.uint64(0)
-    for i in range(7, -1, -1):
-        v = (v << np.uint64(8)) | np.uint64(buf[p + i])
-    return v
-
-
-@numba.njit(cache=True, inline="always")
-def _read32(buf, p):
-    v = np.uint64(0)
-    for i in range(3, -1, -1):
-        v = (v << np.uint64(8)) | np.uint64(buf[p + i])
-    return v
 
 
 @numba.njit(cache=True, inline="always")
@@ -61,10 +47,10 @@ def xxh64(buf, start, length):
         v3 = np.uint64(0)
         v4 = np.uint64(0) - P1
         while p + 32 <= end:
-            v1 = _round(v1, _read64(buf, p))
-            v2 = _round(v2, _read64(buf, p + 8))
-            v3 = _round(v3, _read64(buf, p + 16))
-            v4 = _round(v4, _read64(buf, p + 24))
+            v1 = _round(v1, load_u64le(buf, p))
+            v2 = _round(v2, load_u64le(buf, p + 8))
+            v3 = _round(v3, load_u64le(buf, p + 16))
+            v4 = _round(v4, load_u64le(buf, p + 24))
             p += 32
         h = _rotl(v1, 1) + _rotl(v2, 7) + _rotl(v3, 12) + _rotl(v4, 18)
         h = _merge(h, v1)
@@ -75,11 +61,11 @@ def xxh64(buf, start, length):
         h = P5
     h = h + np.uint64(length)
     while p + 8 <= end:
-        h = h ^ _round(np.uint64(0), _read64(buf, p))
+        h = h ^ _round(np.uint64(0), load_u64le(buf, p))
         h = _rotl(h, 27) * P1 + P4
         p += 8
     if p + 4 <= end:
-        h = h ^ (_read32(buf, p) * P1)
+        h = h ^ (load_u32le(buf, p) * P1)
         h = _rotl(h, 23) * P2 + P3
         p += 4
     while p < end:

@@ -1,9 +1,9 @@
-"""The memcmp/memcpy intrinsics against Python's own byte comparisons and slicing."""
+"""The memcmp/memcpy/load intrinsics against Python's own byte comparisons, slicing and int.from_bytes."""
 
 import numba
 import numpy as np
 
-from store.bytesops import bytes_equal, memcmp, memcpy
+from store.bytesops import bytes_equal, load_u32le, load_u64le, memcmp, memcpy
 
 
 @numba.njit
@@ -48,3 +48,17 @@ def test_memcpy_copies_exactly_the_range():
         want = np.zeros(256, dtype=np.uint8)
         want[do:do + n] = src[so:so + n]
         assert (dst == want).all()
+
+
+@numba.njit
+def _loads(a, p):
+    return load_u64le(a, p), load_u32le(a, p)
+
+
+def test_unaligned_loads_read_little_endian_words():
+    rng = np.random.default_rng(5)
+    a = rng.integers(0, 256, 64, dtype=np.uint8)
+    for p in range(0, 56):  # every alignment
+        u64, u32 = _loads(a, p)
+        assert u64 == int.from_bytes(a[p:p + 8].tobytes(), "little")
+        assert u32 == int.from_bytes(a[p:p + 4].tobytes(), "little")
