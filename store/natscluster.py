@@ -122,15 +122,21 @@ class NatsCluster:
         cluster_name: the NATS cluster name.
         max_payload: largest message the servers accept, in bytes.
         ready_timeout_s: how long ``start`` and ``restart`` wait for ``/healthz``.
+        gomaxprocs: the Go scheduler's threads per node (``GOMAXPROCS``), unless the environment
+            sets it; by default the machine's cores divided among the nodes, since they share
+            it. Idle Go threads spin looking for work, and with every node using all cores
+            the three nodes spend 20-25% more CPU per replicated message on a 2-core machine
+            (``deploy/bench/nats_publish_cost.py``).
 
     Not thread-safe; use it from one thread. ``stop`` (or leaving a ``with`` block) ends
     every node; the data stays in ``base_dir``.
     """
 
     def __init__(self, base_dir: str, size: int = 3, *, binary: str | None = None, cluster_name: str = "fb",
-                 max_payload: int = 8 << 20, ready_timeout_s: float = 30.0) -> None:
+                 max_payload: int = 8 << 20, ready_timeout_s: float = 30.0, gomaxprocs: int | None = None) -> None:
         if size < 1:
             raise ValueError("a cluster needs at least one node")
+        self.gomaxprocs = gomaxprocs or max(1, (os.cpu_count() or 1) // size)
         self.base_dir = os.path.abspath(base_dir)
         self.size = size
         self.binary = binary or find_nats_server()
@@ -252,8 +258,10 @@ class NatsCluster:
     def _spawn(self, i: int) -> None:
         self._close_log(i)
         self._logs[i] = open(self.log_path(i), "ab")
+        env = dict(os.environ)
+        env.setdefault("GOMAXPROCS", str(self.gomaxprocs))
         self._procs[i] = subprocess.Popen([self.binary, "-c", self.config_path(i)], stdin=subprocess.DEVNULL,
-                                          stdout=self._logs[i], stderr=subprocess.STDOUT)
+                                          stdout=self._logs[i], stderr=subprocess.STDOUT, env=env)
 
     def _close_log(self, i: int) -> None:
         if self._logs[i] is not None:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import os
 import threading
 import time
+import urllib.request
 
 import pytest
 from nats.js.api import AckPolicy
@@ -395,3 +398,12 @@ def wait_for(cond, timeout_s: float, what: str) -> None:
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
+
+
+def test_nodes_share_the_machines_cores(cluster):
+    # Co-located nodes each get a share of the cores (or the environment's GOMAXPROCS), as the
+    # servers report it themselves.
+    expected = int(os.environ.get("GOMAXPROCS") or max(1, (os.cpu_count() or 1) // cluster.size))
+    for port in cluster.http_ports:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/varz", timeout=5) as r:
+            assert json.loads(r.read())["gomaxprocs"] == expected
