@@ -592,6 +592,7 @@ class _Reader:
         self.stream = stream
         self.durable = durable
         self.next_seq = start_seq
+        self.pending = 0  # records after the last one returned, when it was delivered
         self._timeout_s = timeout_s
         self._consumer: str | None = None
         self._sub: Any = None
@@ -655,7 +656,8 @@ class _Reader:
         out: list[tuple[int, bytes]] = []
         gap = False
         for msg in msgs:
-            seq = msg.metadata.sequence.stream
+            meta = msg.metadata
+            seq = meta.sequence.stream
             if seq < self.next_seq:
                 continue  # delivered again (a consumer recreated at an earlier position)
             if seq > self.next_seq:
@@ -663,6 +665,7 @@ class _Reader:
                 break
             out.append((seq, decode_record(seq, msg.data)))
             self.next_seq += 1
+            self.pending = meta.num_pending
         if gap:
             # A message was lost on its way, or the records were purged: start over at the first
             # missing one. The records read so far are returned first; the next call recreates
@@ -730,6 +733,13 @@ class NatsConsumer:
     def next_seq(self) -> int:
         """The sequence the next record returned by ``fetch`` will have."""
         return self._reader.next_seq
+
+    @property
+    def pending(self) -> int:
+        """How many records the stream held after the last one ``fetch`` returned, when that one
+        was delivered (JetStream's ``num_pending``): ``next_seq - 1 + pending`` is a sequence the
+        stream has reached, known without asking it."""
+        return self._reader.pending
 
     def fetch(self, max_records: int, timeout_s: float) -> list[tuple[int, bytes]]:
         """Up to ``max_records`` next ``(stream_sequence, record)``s, in order, without gaps.

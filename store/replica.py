@@ -248,6 +248,12 @@ class HeadReplica:
     thread-safe); before ``ready`` it holds an older state. All properties and methods are
     thread-safe.
 
+    An idle replica costs little: a fetch waits up to ``FETCH_WAIT_S`` for records (they are
+    delivered as soon as they arrive), and the stream is polled every ``poll_interval_s``;
+    while records flow, each delivery tells how many follow it, which keeps ``lag`` current
+    without polling. (Nine replicas polling every 0.5 s and fetching with 0.5 s waits used
+    0.14 cores of an idle machine, and their NATS servers 0.08.)
+
     Args:
         servers: NATS client URLs.
         stream: the shard's stream; created like ``NatsLog`` does if it does not exist yet.
@@ -261,7 +267,8 @@ class HeadReplica:
             one; without peers this replica records its checkpoints but never purges.
         stream_replicas: replicas of the stream (if created here) and of the KV bucket.
         checkpoint_interval_s: pause between periodic checkpoints.
-        poll_interval_s: how often the stream's last sequence is polled for ``lag``.
+        poll_interval_s: how often the stream's last sequence is polled (``lag`` while no
+            records come, stall detection, purging).
         fetch_batch: records per fetch.
         fetch_linger_s: after a fetch that returned fewer than ``fetch_batch`` records, wait
             this long before the next one, so that a replica keeping up fetches several
@@ -288,10 +295,13 @@ class HeadReplica:
         WALError: the checkpoint database could not be opened or read.
     """
 
+    FETCH_WAIT_S = 1.0
+
     def __init__(self, servers: list[str], stream: str, replica_name: str, data_dir: str, *,
                  head_options: HeadOptions = HeadOptions(), retention_ms: int = DBOptions().retention_ms,
                  peers: Sequence[str] = (), stream_replicas: int = 3,
-                 checkpoint_interval_s: float = DBOptions().checkpoint_interval_s, poll_interval_s: float = 0.5, fetch_batch: int = 64,
+                 checkpoint_interval_s: float = DBOptions().checkpoint_interval_s, poll_interval_s: float = 2.0,
+                 fetch_batch: int = 64,
                  fetch_linger_s: float = 0.25,
                  timeout_s: float = 10.0, stall_timeout_s: float = 5.0, checkpoint_bucket: str = CHECKPOINT_BUCKET,
                  registry: CollectorRegistry | None = None, now: Callable[[], float] = time.time) -> None:
@@ -332,6 +342,7 @@ class HeadReplica:
         self._error: BaseException | None = None
         self._closed = False
         self._state: StreamState | None = None
+        self._last_seen = 0  # the newest stream sequence known to exist (polls and deliveries)
         self._threads: list[threading.Thread] = []
         self._store: RocksLog | None = None
         self._client: NatsConnection | None = None
@@ -441,7 +452,7 @@ class HeadReplica:
                 if self._consumer is None:
                     self._consumer = self._open_consumer(self._applied)
                     progress = time.monotonic()
-                batch = self._consumer.fetch(self._fetch_batch, 0.5)
+                batch = self._consumer.fetch(self._fetch_batch, self.FETCH_WAIT_S)
             except LogUnavailable as e:
                 # A stream or consumer leader election, or the server we are connected to went
                 # away: the client reconnects and the consumer resumes where it was.
@@ -470,7 +481,8 @@ class HeadReplica:
                 return
             pause = 0.1
             if not batch:
-                self._wake.set()
+                if not self._ready:
+                    self._wake.set()  # nothing to read: maybe caught up, ask the stream now
                 if self._stalled(progress):
                     self._drop_consumer()
                 continue
@@ -480,6 +492,7 @@ class HeadReplica:
             except BaseException as e:
                 self._fail(e)
                 return
+            self._observe(batch[-1][0] + self._consumer.pending)
             progress = time.monotonic()
             if len(batch) < self._fetch_batch and self._fetch_linger_s:
                 self._stop.wait(self._fetch_linger_s)
@@ -588,11 +601,17 @@ class HeadReplica:
             log.debug("replica stream state", extra={"stream": self.stream, "replica": self.name,
                                                      "error": f"{type(e).__name__}: {e}"})
             return
-        applied = self._applied
         self._state = state
-        self._m.last_seq.set(state.last_seq)
-        self._m.lag.set(max(0, state.last_seq - applied))
-        if applied >= state.last_seq and not self._ready and self._error is None:
+        self._observe(state.last_seq)
+
+    def _observe(self, last_seq: int) -> None:
+        """Takes note that the stream reached ``last_seq`` (polled, or delivered with the number of
+        records after it): updates lag, and readiness once everything known is applied."""
+        applied = self._applied
+        self._last_seen = last_seq = max(self._last_seen, last_seq)
+        self._m.last_seq.set(last_seq)
+        self._m.lag.set(max(0, last_seq - applied))
+        if applied >= last_seq and not self._ready and self._error is None:
             catch_up_s = time.monotonic() - self._started
             self._m.catch_up.set(catch_up_s)
             log.info("replica ready", extra={"stream": self.stream, "replica": self.name, "applied_seq": applied,
@@ -706,9 +725,9 @@ class HeadReplica:
 
     @property
     def lag(self) -> int:
-        """Records the stream holds beyond ``applied_seq`` (as of the last poll of the stream)."""
-        state = self._state
-        return 0 if state is None else max(0, state.last_seq - self._applied)
+        """Records the stream holds beyond ``applied_seq``, as far as known: from the last poll of
+        the stream, or from the last delivery (which tells how many records followed it)."""
+        return max(0, self._last_seen - self._applied)
 
     @property
     def ready(self) -> bool:
@@ -753,7 +772,7 @@ class HeadReplica:
             "applied_seq": self._applied,
             "checkpoint_seq": self._checkpointed,
             "stream_first_seq": state.first_seq if state else None,
-            "stream_last_seq": state.last_seq if state else None,
+            "stream_last_seq": max(state.last_seq, self._last_seen) if state else None,
             "stream_leader": state.leader if state else None,
             "lag": self.lag,
             "ready": self.ready,

@@ -141,7 +141,7 @@ def test_three_replicas_hold_identical_heads(cluster, nlog, stream, tmp_path):
         assert any(len(s[1]) for s in expected) and len(expected) == 20
         for r in reps:
             assert dump(r.head) == expected
-        # Lag is polled (every 0.5 s): wait until every watcher has seen the stream's last record.
+        # Lag comes from polls and deliveries: wait until every replica has seen the last record.
         wait_for(lambda: all(r.lag == 0 and r.status()["stream_last_seq"] == 100 for r in reps), 30, "lag 0")
         st = reps[1].status()
         assert st["replica"] == "r1" and st["stream"] == stream
@@ -165,6 +165,23 @@ def test_three_replicas_hold_identical_heads(cluster, nlog, stream, tmp_path):
         for r in reps:
             r.close()
     assert metric(registries[0], "flashback_replica_checkpoint_sequence") == 100  # the final checkpoint
+
+
+def test_deliveries_keep_lag_current_without_polling(cluster, nlog, stream, tmp_path):
+    # Polls are rare (poll_interval_s): while records flow, each delivery says how many follow it.
+    publish(nlog, range(30))
+    reg = CollectorRegistry()
+    r = replica(cluster, stream, "r0", tmp_path, poll_interval_s=3600, fetch_batch=4, registry=reg)
+    try:
+        assert r.wait_ready(60)  # caught up: the first poll at start, or the last delivery
+        last = publish(nlog, range(30, 60))[-1]
+        wait_applied([r], last)
+        # No poll since the start, yet the replica knows the stream's end and its lag.
+        st = r.status()
+        assert (st["stream_last_seq"], st["lag"], st["applied_seq"]) == (60, 0, 60)
+        assert metric(reg, "flashback_replica_stream_last_sequence") == 60
+    finally:
+        r.close()
 
 
 def test_restart_loads_checkpoint_and_replays_the_rest(cluster, nlog, stream, tmp_path):
