@@ -154,12 +154,15 @@ def check_new_keys(keys, key_off, key_len, idx, legacy, out):
         has_name = False
         while p < end and ok:
             q = p
-            while keys[q] != 0xFF:
+            while q < end and keys[q] != 0xFF:
                 q += 1
             v = q + 1
             w = v
-            while keys[w] != 0xFF:
+            while w < end and keys[w] != 0xFF:
                 w += 1
+            if w >= end:  # not name 0xff value 0xff: not a key this check knows
+                ok = False
+                break
             is_metric = (q - p == 8 and keys[p] == 0x5F and keys[p + 1] == 0x5F and keys[p + 2] == 0x6E
                          and keys[p + 3] == 0x61 and keys[p + 4] == 0x6D and keys[p + 5] == 0x65
                          and keys[p + 6] == 0x5F and keys[p + 7] == 0x5F)

@@ -283,6 +283,9 @@ BAD = [
     ([(b"__name__", b"m"), (b"", b"1")], "empty_name"),
     ([(b"__name__", b"m"), (b"a", b"\xff\xfe")], "invalid_utf8"),
     ([(b"__name__", b"m\xc3"), (b"a", b"1")], "invalid_utf8_name_value"),
+    # non-ASCII bytes past the first words of a label (the check reads eight bytes at a time)
+    ([(b"__name__", b"m"), (b"a", b"0123456789abcdef\xff")], "invalid_utf8_long_value"),
+    ([(b"__name__", b"m"), (b"label_name_long\xc3", b"1")], "invalid_utf8_long_name"),
     ([(b"a", b"1"), (b"__name__", b"")], "empty_metric_name"),
     ([], "no_labels"),
 ]
@@ -293,6 +296,7 @@ GOOD = [
     ([(b"__name__", "ünïcode".encode()), (b"l", "välue".encode())], "utf8"),
     ([(b"A", b"1"), (b"__name__", b"caps")], "name_not_first"),
     ([(b"__name__", b"dotted.name"), (b"a-b", b"1")], "utf8_names"),
+    ([(b"__name__", b"ok4"), (b"long", "0123456789abcdefé".encode())], "utf8_long_value"),
 ]
 
 

@@ -320,6 +320,26 @@ def test_compiled_key_checks_agree_with_validate_labels():
         assert 0 < len(want) < len(cases)
 
 
+@pytest.mark.parametrize("mode", ["utf8", "legacy"])
+def test_a_0xff_byte_in_a_label_is_refused_not_read_as_a_separator(mode):
+    """0xff separates names and values in a canonical key; a name or value holding one (never
+    valid UTF-8) must not turn into other labels (it made ``{a="0123456789abcdef", =""}``)."""
+    from store.head import validate_labels
+    bad = [[(b"__name__", b"m"), (b"a", b"0123456789abcdef\xff")],
+           [(b"__name__", b"m"), (b"a", b"\xff")],
+           [(b"__name__", b"m"), (b"b", b"x\xffy")],
+           [(b"__name__", b"m"), (b"label_name_0123\xff", b"1")],
+           [(b"__name__", b"m\xff"), (b"c", b"1")]]
+    good = [[(b"__name__", b"ok"), (b"i", str(i).encode())] for i in range(3)]
+    head = Head(HeadOptions(name_validation=mode))
+    res = head.append(decode(b"".join(_raw_series(p, 1, 1.0) for p in bad + good)), NOW)
+    assert all(validate_labels(list(p), mode)[1] for p in bad)
+    assert res.appended == len(good) and res.rejected["invalid_labels"][0] == len(bad)
+    assert "not valid UTF-8" in res.rejected["invalid_labels"][1]
+    assert {s.labels for s in head.select([Matcher(MatchType.RE, "__name__", ".*")], MIN, MAX)} == \
+        {validate_labels(list(p), mode)[0] for p in good}
+
+
 def test_a_new_series_twice_in_one_request_is_one_series():
     head = Head()
     res = _append(head, [({"__name__": "a", "i": "1"}, [(1, 1.0)]), ({"__name__": "b"}, [(1, 1.0)]),
