@@ -59,6 +59,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from adapter.remote_write import _bad, decode_request
 from store import shardrecord, warmup, writerequest
+from store.bytesops import bytes_equal, load_u64le, memcpy
 from store.db import encode_record
 from store.errors import LogUnavailable, WALError
 from store.head import AppendResult, validate_labels
@@ -97,6 +98,24 @@ def msg_id(part: bytes | np.ndarray, shard: str) -> str:
     return f"{shard}-{xxhash.xxh3_128_hexdigest(part)}"
 
 
+_HIGH_BITS = np.uint64(0x8080808080808080)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _non_ascii(buf, off, n):
+    """Whether buf[off:off+n] holds a byte >= 0x80 (eight bytes at a time)."""
+    i = 0
+    while i + 8 <= n:
+        if load_u64le(buf, off + i) & _HIGH_BITS:
+            return True
+        i += 8
+    while i < n:
+        if buf[off + i] >= 0x80:
+            return True
+        i += 1
+    return False
+
+
 @numba.njit(cache=True, nogil=True)
 def _suspects(buf, series, labels, metric, legacy, out):
     """Marks series whose labels Python must check: non-canonical, non-ASCII bytes, no
@@ -110,18 +129,10 @@ def _suspects(buf, series, labels, metric, legacy, out):
         seen = False
         for li in range(series[s, S_LAB_START], series[s, S_LAB_START] + series[s, S_LAB_N]):
             no, nln, vo, vln = labels[li, 0], labels[li, 1], labels[li, 2], labels[li, 3]
-            for i in range(nln):
-                if buf[no + i] >= 0x80:
-                    bad = True
-            for i in range(vln):
-                if buf[vo + i] >= 0x80:
-                    bad = True
-            is_metric = nln == metric.shape[0]
-            if is_metric:
-                for i in range(nln):
-                    if buf[no + i] != metric[i]:
-                        is_metric = False
-                        break
+            if _non_ascii(buf, no, nln) or _non_ascii(buf, vo, vln):
+                bad = True
+                break
+            is_metric = nln == metric.shape[0] and bytes_equal(buf, no, nln, metric, 0, nln)
             if is_metric:
                 seen = True
             if legacy:
@@ -143,7 +154,7 @@ def _gather(buf, starts, ends, order, out):
     p = 0
     for i in order:
         n = ends[i] - starts[i]
-        out[p:p + n] = buf[starts[i]:ends[i]]
+        memcpy(out, p, buf, starts[i], n)
         p += n
     return p
 
