@@ -38,8 +38,23 @@ seconds per million samples:
     the same, whole dump         1.87  1.35        2.41   5.63    323 107            984 091  1.27  0.33
       (30.1 M samples, no --requests; load 5.6)
 
+Session of 2026-11-30 (fourth): kernels warmed up before a role serves, replica checkpoints
+every 5 min (as the single node) instead of 1 min, columns records indexed by one kernel with a
+faster XXH64, NATS with GOMAXPROCS = cores / 3, replicas polling the stream every 2 s (lag from
+deliveries) and fetching with 1 s waits, cheaper label checks in the adapter:
+
+    run                       adapter  NATS  9 replicas  total  samples/s  single: samples/s  CPU  ratio
+    --requests 3060 (load 2.1)   1.88  1.27        2.34   5.50    325 437            816 500  1.47  0.40
+    whole dump (load 0.8)        1.79  1.23        1.75   4.78    369 526          1 108 968  1.14  0.33
+    whole dump (load 1.1)        1.91  1.65        2.27   5.84    303 192            794 714  1.51  0.38
+    whole dump (load 4.5)        1.95  1.39        2.05   5.40    323 911            949 949  1.30  0.34
+
 The single node gained more than the cluster (the kernels made faster are a larger share of
-its CPU), so the ratio fell while both got faster. What the cluster adds is mostly per message:
+its CPU), so the ratio fell while both got faster. On a whole dump the cluster needs about 4.8
+CPU seconds per million samples and is CPU-bound on the two cores (16 processes and the load
+generator); the single node, at 1.1-1.5, is bound by the latency of two connections. For 0.5
+the cluster would need ~3.2, i.e. about two thirds of what the three replicas, the R3 log and
+the adapter's splitting and publishing cost together now. What the cluster adds is mostly per message:
 a NATS R3 publish of a 12 KB record costs the three servers 0.76 ms of CPU with no consumer
 and 1.25 ms with three durable R3 consumers (0.95 ms with in-memory R1 consumers without
 acknowledgements), i.e. 1.2-1.9 s per million samples at ~650 samples per record; 49 KB records
