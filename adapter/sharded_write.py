@@ -58,8 +58,8 @@ import xxhash
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from adapter.remote_write import _bad, decode_request
-from store import shardrecord, warmup, writerequest
-from store.bytesops import bytes_equal, load_u64le, memcpy
+from store import shardrecord, writerequest
+from store.bytesops import any_non_ascii, bytes_equal, memcpy
 from store.db import encode_record
 from store.errors import LogUnavailable, WALError
 from store.head import AppendResult, validate_labels
@@ -98,24 +98,6 @@ def msg_id(part: bytes | np.ndarray, shard: str) -> str:
     return f"{shard}-{xxhash.xxh3_128_hexdigest(part)}"
 
 
-_HIGH_BITS = np.uint64(0x8080808080808080)
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _non_ascii(buf, off, n):
-    """Whether buf[off:off+n] holds a byte >= 0x80 (eight bytes at a time)."""
-    i = 0
-    while i + 8 <= n:
-        if load_u64le(buf, off + i) & _HIGH_BITS:
-            return True
-        i += 8
-    while i < n:
-        if buf[off + i] >= 0x80:
-            return True
-        i += 1
-    return False
-
-
 @numba.njit(cache=True, nogil=True)
 def _suspects(buf, series, labels, metric, legacy, out):
     """Marks series whose labels Python must check: non-canonical, non-ASCII bytes, no
@@ -129,7 +111,7 @@ def _suspects(buf, series, labels, metric, legacy, out):
         seen = False
         for li in range(series[s, S_LAB_START], series[s, S_LAB_START] + series[s, S_LAB_N]):
             no, nln, vo, vln = labels[li, 0], labels[li, 1], labels[li, 2], labels[li, 3]
-            if _non_ascii(buf, no, nln) or _non_ascii(buf, vo, vln):
+            if any_non_ascii(buf, no, nln) or any_non_ascii(buf, vo, vln):
                 bad = True
                 break
             is_metric = nln == metric.shape[0] and bytes_equal(buf, no, nln, metric, 0, nln)
@@ -246,8 +228,8 @@ class ShardedWriteHandler:
                                  self._names)
 
     def warm_up(self) -> None:
-        """Loads the kernels of the write path (``store.warmup``) and of ``split``, without publishing."""
-        warmup.ingest_kernels()
+        """Loads the kernels of ``split`` (the scanner's among them) before the first request, as
+        ``store.warmup`` does for the heads; publishes nothing."""
         t = 1_000_000_000_000
         for labels in ([("__name__", "flashback_warm_up"), ("series", "{}")],
                        [("series", "{}"), ("__name__", "flashback_warm_up")]):  # columns and protobuf parts

@@ -115,8 +115,8 @@ def cmd_store(args: argparse.Namespace) -> int:
             replica = HeadReplica(list(topology.nats), shard.stream, args.replica, args.data_dir,
                                   head_options=HeadOptions(chunk_range_ms=args.chunk_range_ms),
                                   retention_ms=args.retention_ms, stream_replicas=topology.stream_replicas,
-                                  peers=[r.name for r in shard.replicas], checkpoint_interval_s=args.checkpoint_interval_s,
-                                  registry=registry)
+                                  peers=[r.name for r in shard.replicas],
+                                  checkpoint_interval_s=args.checkpoint_interval_s, registry=registry)
             break
         except (LogUnavailable, TimeoutError, OSError) as e:
             if time.monotonic() > deadline:

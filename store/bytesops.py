@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 
 import numba
+import numpy as np
 from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
@@ -98,3 +99,38 @@ load_u32le.__doc__ = "a[p:p+4] as a little-endian uint32, widened to uint64 (any
 def bytes_equal(a, ao, an, b, bo, bn):
     """a[ao:ao+an] == b[bo:bo+bn]."""
     return an == bn and memcmp(a, ao, b, bo, an) == 0
+
+
+_ONES = np.uint64(0x0101010101010101)
+_HIGHS = np.uint64(0x8080808080808080)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def any_non_ascii(a, off, n):
+    """Whether a[off:off+n] holds a byte >= 0x80 (eight bytes at a time)."""
+    i = 0
+    while i + 8 <= n:
+        if load_u64le(a, off + i) & _HIGHS:
+            return True
+        i += 8
+    while i < n:
+        if a[off + i] >= 0x80:
+            return True
+        i += 1
+    return False
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def any_ff(a, off, n):
+    """Whether a[off:off+n] holds a 0xff byte (eight bytes at a time: a zero byte of ~word)."""
+    i = 0
+    while i + 8 <= n:
+        x = ~load_u64le(a, off + i)
+        if (x - _ONES) & ~x & _HIGHS:
+            return True
+        i += 8
+    while i < n:
+        if a[off + i] == 0xFF:
+            return True
+        i += 1
+    return False

@@ -64,8 +64,9 @@ def is_columns(record: bytes) -> bool:
 def _index(counts, keys, series, hashes, sample_series):
     """Fills the request's arrays from the block's per-series key lengths and sample counts
     (``counts``: u32 key_len[n] then u32 samples[n]) in one pass: key offsets and lengths,
-    sample starts and counts (the other columns 0), each key's XXH64 and each sample's series. Returns 0, or 1 if the
-    counts do not add up to the header's, or 2 if a key cannot be canonical label bytes."""
+    sample starts and counts (the other columns 0), each key's XXH64 and each sample's series.
+    Returns 0, or 1 if the counts do not add up to the header's, or 2 if a key cannot be
+    canonical label bytes."""
     n = series.shape[0]
     koff = 0
     soff = 0

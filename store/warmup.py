@@ -7,8 +7,8 @@ after a start pay for it, and with a cluster's nine head replicas starting toget
 writes right after a start wait for all of them. ``ingest_kernels`` runs the write path once
 on a few synthetic series with a throwaway head: the protobuf scanner, a columns record
 (``store.shardrecord``), series creation (also of labels out of order), appends to known
-series, a chunk cut, rejected samples, and the label checks of both name validations. The process's metrics are not touched (the head has
-a private registry).
+series, a chunk cut, rejected samples, and the label checks of both name validations. The
+process's metrics are not touched (the head has a private registry).
 """
 
 from __future__ import annotations

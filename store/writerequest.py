@@ -26,7 +26,7 @@ from typing import Iterable
 import numba
 import numpy as np
 
-from store.bytesops import load_u64le, memcmp, memcpy
+from store.bytesops import any_ff, memcmp, memcpy
 from store.errors import DecodeError
 from store.xxhash64 import xxh64
 
@@ -96,26 +96,6 @@ def _cmp(buf, a, alen, b, blen):
     if alen == blen:
         return 0
     return -1 if alen < blen else 1
-
-
-_ONES = np.uint64(0x0101010101010101)
-_HIGHS = np.uint64(0x8080808080808080)
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _has_ff(buf, off, n):
-    """Whether buf[off:off+n] holds a 0xff byte (eight bytes at a time: a zero byte of ~word)."""
-    i = 0
-    while i + 8 <= n:
-        x = ~load_u64le(buf, off + i)
-        if (x - _ONES) & ~x & _HIGHS:
-            return True
-        i += 8
-    while i < n:
-        if buf[off + i] == 0xFF:
-            return True
-        i += 1
-    return False
 
 
 @numba.njit(cache=True, nogil=True)
@@ -208,7 +188,7 @@ def _scan(buf, ser, hashes, lab, smp_t, smp_v, smp_s, keys):
                     if nl >= lab.shape[0] or nk + nln + vln + 2 > keys.shape[0]:
                         return ns, nl, nsm, CAPACITY, p
                     nk += nln + vln + 2  # reserve key space; written below
-                    if nln == 0 or vln == 0 or _has_ff(buf, no, nln) or _has_ff(buf, vo, vln):
+                    if nln == 0 or vln == 0 or any_ff(buf, no, nln) or any_ff(buf, vo, vln):
                         # Empty names and values are dropped or refused; a 0xff byte (never in
                         # valid UTF-8) would read as a separator in the canonical key.
                         flags |= NEEDS_SLOW_PATH

@@ -64,11 +64,13 @@ def corrupt(block: bytes, what: str) -> bytes:
     raise AssertionError(what)
 
 
-@pytest.mark.parametrize("what", ["short", "sizes", "header", "reserved", "counts", "key"])
-def test_malformed_blocks_are_decode_errors(what):
+@pytest.mark.parametrize("what, message", [
+    ("short", "shorter than its header"), ("sizes", "does not hold"), ("header", "does not hold"),
+    ("reserved", "does not hold"), ("counts", "counts do not add up"), ("key", "not canonical label bytes")])
+def test_malformed_blocks_are_decode_errors(what, message):
     block = columns(writerequest.decode(protobuf()))
     shardrecord.decode_block(block)
-    with pytest.raises(DecodeError):
+    with pytest.raises(DecodeError, match=message):
         shardrecord.decode_block(corrupt(block, what))
 
 
