@@ -6,6 +6,10 @@ keys of ~100 bytes libc's vectorised routines are several times faster (series l
 head: 0.18 -> 0.04 us per series). Likewise a word assembled from eight byte reads stays eight
 loads (XXH64 of label keys: 50 -> 15 ns per key). All take contiguous uint8 arrays and offsets,
 and do no bounds checks: callers pass ranges inside the arrays.
+
+Kernels in other modules inline these functions, and numba's on-disk cache does not notice
+when this file changes: after editing it, delete the ``__pycache__/*.nbi``/``*.nbc`` files
+(a fresh clone, or an install into a new environment, has none).
 """
 
 from __future__ import annotations

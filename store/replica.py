@@ -251,8 +251,9 @@ class HeadReplica:
     An idle replica costs little: a fetch waits up to ``FETCH_WAIT_S`` for records (they are
     delivered as soon as they arrive), and the stream is polled every ``poll_interval_s``;
     while records flow, each delivery tells how many follow it, which keeps ``lag`` current
-    without polling. (Nine replicas polling every 0.5 s and fetching with 0.5 s waits used
-    0.14 cores of an idle machine, and their NATS servers 0.08; now 0.07 and 0.04.)
+    without polling. (An idle 3x3 cluster with 0.5 s polls and fetch waits used 0.18-0.28 cores,
+    0.23 on average over four runs, and 0.15-0.27, 0.19 on average, with these, in alternating
+    runs on the shared 2-core box: ``cluster_ingest.py --idle-seconds``.)
 
     Args:
         servers: NATS client URLs.

@@ -2,6 +2,10 @@
 
 Equal to ``xxhash.xxh64_intdigest`` (the reference, used in Python paths and in
 tests); the algorithm is the published XXH64 specification.
+
+Kernels in other modules inline these functions, and numba's on-disk cache does not notice
+when this file changes: after editing it, delete the ``__pycache__/*.nbi``/``*.nbc`` files
+(a fresh clone, or an install into a new environment, has none).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Ingest benchmark of cluster mode against a single node, in the same run (issue "Cluster mode").
 
     python3 deploy/bench/cluster_ingest.py DUMP_DIR [--requests N] [--shards 3] [--replicas 3]
+                                                    [--concurrency 2] [--idle-seconds S]
 
 Replays a ``../shared/bench/rwload.py`` dump (or its first N requests) into a single-node
 ``flashback up`` and then into a local cluster (``flashback cluster up``'s LocalCluster), each on
@@ -152,6 +153,8 @@ def main() -> int:
     ap.add_argument("--shards", type=int, default=3)
     ap.add_argument("--replicas", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=2)
+    ap.add_argument("--idle-seconds", type=float, default=0,
+                    help="before the replay, measure the idle cluster's CPU (cores by role) for this long")
     args = ap.parse_args()
     from flashback.launcher import LocalCluster, Process, _free_port
 
@@ -177,6 +180,17 @@ def main() -> int:
         try:
             pids = {name: p.proc.pid for name, p in cluster.processes.items()}
             pids.update({f"nats-{i}": cluster.nats.pid(i) for i in range(cluster.nats.size)})
+            idle = None
+            if args.idle_seconds > 0:
+                time.sleep(5)  # past the start
+                c0 = {name: _cpu_s(pid) for name, pid in pids.items()}
+                time.sleep(args.idle_seconds)
+                idle_roles: dict[str, float] = {}
+                for name, pid in pids.items():
+                    used = (_cpu_s(pid) - c0[name]) / args.idle_seconds
+                    idle_roles[_role(name)] = idle_roles.get(_role(name), 0.0) + used
+                idle = {"cores_by_role": {r: round(c, 3) for r, c in sorted(idle_roles.items())},
+                        "cores": round(sum(idle_roles.values()), 3)}
             before = {name: _cpu_s(pid) for name, pid in pids.items()}
             rss_empty = {name: _rss_mib(pid) for name, pid in pids.items() if name.startswith("store-")}
             many = _replay(cluster.write_url, dump, args.concurrency)
@@ -209,6 +223,7 @@ def main() -> int:
                           "cluster": {k: many[k] for k in ("samples_accepted", "samples_per_s", "latency_ms")},
                           "cluster_cpu_during_replay": during,
                           "cluster_cpu_until_caught_up": total,
+                          "cluster_idle": idle,
                           "loadavg_1m_before": load_before,
                           "ratio_samples_per_s": round(many["samples_per_s"] / one["samples_per_s"], 3),
                           "replicas_caught_up_after_s": round(caught_up_s, 1),
