@@ -259,7 +259,8 @@ class NatsCluster:
         self._close_log(i)
         self._logs[i] = open(self.log_path(i), "ab")
         env = dict(os.environ)
-        env.setdefault("GOMAXPROCS", str(self.gomaxprocs))
+        if not env.get("GOMAXPROCS"):  # unset or empty (which Go ignores)
+            env["GOMAXPROCS"] = str(self.gomaxprocs)
         self._procs[i] = subprocess.Popen([self.binary, "-c", self.config_path(i)], stdin=subprocess.DEVNULL,
                                           stdout=self._logs[i], stderr=subprocess.STDOUT, env=env)
 
