@@ -53,21 +53,8 @@ def _cpu(fn) -> float:
 
 def columns_records(reqs: list[writerequest.WriteRequest], shards: int, now_ms: int) -> list[bytes]:
     """Shard 0's columns records of the requests, split as the adapter splits them."""
-    out = []
-    for req in reqs:
-        shard = req.hashes % np.uint64(shards)
-        order = np.flatnonzero(shard == 0)
-        ser = req.series
-        key_off, key_len = ser[order, S_KEY_OFF], ser[order, S_KEY_LEN]
-        keys = np.concatenate([req.keys[o:o + n] for o, n in zip(key_off.tolist(), key_len.tolist())]) \
-            if len(order) else np.zeros(0, np.uint8)
-        nsmp = ser[order, writerequest.S_SMP_N]
-        idx = np.concatenate([np.arange(a, a + n) for a, n in zip(ser[order, writerequest.S_SMP_START].tolist(),
-                                                                  nsmp.tolist())]).astype(np.int64) \
-            if len(order) else np.zeros(0, np.int64)
-        block = shardrecord.encode_block(key_len, nsmp, req.ts[idx], req.vbits[idx], keys)
-        out.append(shardrecord.encode_record(now_ms, block))
-    return out
+    return [shardrecord.encode_record(now_ms, shardrecord.encode_series(
+        req, np.flatnonzero(req.hashes % np.uint64(shards) == 0))) for req in reqs]
 
 
 def run(bodies: list[bytes], first_round: int) -> dict[str, float]:

@@ -48,6 +48,20 @@ def encode_block(key_len: np.ndarray, samples: np.ndarray, ts: np.ndarray, vbits
                      keys.tobytes()))
 
 
+def encode_series(req: WriteRequest, series: np.ndarray | None = None) -> bytes:
+    """The uncompressed block of the series ``series`` of ``req`` (indexes in the order to write,
+    all of them if ``None``), whose keys must be canonical. For tools, tests and the warm-up; the
+    adapter gathers its blocks with compiled kernels (``adapter.sharded_write``)."""
+    ser = req.series if series is None else req.series[series]
+    key_off, key_len, first, n = ser[:, S_KEY_OFF], ser[:, S_KEY_LEN], ser[:, S_SMP_START], ser[:, S_SMP_N]
+    keys = np.concatenate([req.keys[o:o + k] for o, k in zip(key_off.tolist(), key_len.tolist())]) \
+        if len(ser) else np.empty(0, np.uint8)
+    starts = np.zeros(len(ser) + 1, dtype=np.int64)
+    np.cumsum(n, out=starts[1:])
+    idx = np.repeat(first - starts[:-1], n) + np.arange(int(starts[-1]), dtype=np.int64)
+    return encode_block(key_len, n, req.ts[idx], req.vbits[idx], keys)
+
+
 def block_size(n_series: int, n_samples: int, keys_len: int) -> int:
     return _BLOCK.size + 8 * n_series + 16 * n_samples + keys_len
 

@@ -13,11 +13,8 @@ process's metrics are not touched (the head has a private registry).
 
 from __future__ import annotations
 
-import numpy as np
-
 from store import shardrecord, writerequest
 from store.head import Head, HeadOptions
-from store.writerequest import S_KEY_LEN, S_KEY_OFF, S_SMP_N
 
 
 def _request(n_series: int, first_t: int, n_samples: int) -> bytes:
@@ -36,12 +33,9 @@ def ingest_kernels() -> None:
         head.append(first, t0)
         more = writerequest.decode(_request(3, t0 + 1000, 130))
         head.append(more, t0 + 131_000)
-        # A replica's columns record of the same series.
-        ser = more.series
-        keys = np.concatenate([more.keys[o:o + n] for o, n in zip(ser[:, S_KEY_OFF].tolist(),
-                                                                  ser[:, S_KEY_LEN].tolist())])
-        block = shardrecord.encode_block(ser[:, S_KEY_LEN], ser[:, S_SMP_N], more.ts + 200_000, more.vbits, keys)
-        _, columns = shardrecord.decode_record(shardrecord.encode_record(t0, block))
+        # A replica's columns record of the same series, later samples.
+        later = writerequest.decode(_request(3, t0 + 201_000, 130))
+        _, columns = shardrecord.decode_record(shardrecord.encode_record(t0, shardrecord.encode_series(later)))
         Head(HeadOptions(name_validation=validation)).append(columns, t0 + 400_000)
         head.append(columns, t0 + 400_000)
         # Labels out of order and without a metric name take the slow path; samples out of

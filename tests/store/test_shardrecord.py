@@ -11,7 +11,7 @@ import pytest
 
 from store import shardrecord, writerequest
 from store.errors import DecodeError
-from store.writerequest import S_KEY_LEN, S_KEY_OFF, S_SMP_N
+from store.writerequest import S_SMP_N
 
 T0 = 1_700_000_000_000
 
@@ -22,10 +22,7 @@ def protobuf() -> bytes:
 
 
 def columns(req: writerequest.WriteRequest) -> bytes:
-    ser = req.series
-    keys = [req.keys[o:o + n] for o, n in ser[:, [S_KEY_OFF, S_KEY_LEN]]]
-    return shardrecord.encode_block(ser[:, S_KEY_LEN], ser[:, S_SMP_N], req.ts, req.vbits,
-                                    np.concatenate(keys) if keys else np.empty(0, np.uint8))
+    return shardrecord.encode_series(req)
 
 
 def test_round_trip_equals_the_protobuf_decoding():

@@ -12,7 +12,7 @@ import sys
 
 SCRIPT = r"""
 import json, sys
-import numba, numpy as np
+import numba
 from store import bytesops, headkernels, postings, shardrecord, writerequest, xorfast, xxhash64, warmup
 from store.head import Head, HeadOptions
 
@@ -41,12 +41,7 @@ for validation in ("utf8", "legacy"):
     head.append(writerequest.decode(bad), t0 + 15_000 * 602)
     req = writerequest.decode(writerequest.encode(
         ([("__name__", "other"), ("k", str(i))], [(t0 + 15_000 * 700, 1.0)]) for i in range(40)))
-    ser = req.series
-    keys = np.concatenate([req.keys[o:o + n] for o, n in zip(ser[:, writerequest.S_KEY_OFF].tolist(),
-                                                          ser[:, writerequest.S_KEY_LEN].tolist())])
-    block = shardrecord.encode_block(ser[:, writerequest.S_KEY_LEN], ser[:, writerequest.S_SMP_N], req.ts,
-                                     req.vbits, keys)
-    _, columns = shardrecord.decode_record(shardrecord.encode_record(t0, block))
+    _, columns = shardrecord.decode_record(shardrecord.encode_record(t0, shardrecord.encode_series(req)))
     head.append(columns, t0 + 15_000 * 700)
     assert head.num_series() == 90, head.num_series()
 after = signatures()
