@@ -60,6 +60,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from adapter.remote_write import _bad, decode_request
 from store import shardrecord, writerequest
 from store.bytesops import any_non_ascii, bytes_equal, memcpy
+from store.headkernels import legacy_name_ok
 from store.db import encode_record
 from store.errors import LogUnavailable, WALError
 from store.head import AppendResult, validate_labels
@@ -117,16 +118,9 @@ def _suspects(buf, series, labels, metric, legacy, out):
             is_metric = nln == metric.shape[0] and bytes_equal(buf, no, nln, metric, 0, nln)
             if is_metric:
                 seen = True
-            if legacy:
-                for i in range(nln):
-                    c = buf[no + i]
-                    if not (c == 95 or 65 <= c <= 90 or 97 <= c <= 122 or (i > 0 and 48 <= c <= 57)):
-                        bad = True
-                if is_metric:
-                    for i in range(vln):
-                        c = buf[vo + i]
-                        if not (c == 95 or c == 58 or 65 <= c <= 90 or 97 <= c <= 122 or (i > 0 and 48 <= c <= 57)):
-                            bad = True
+            if legacy and not (legacy_name_ok(buf, no, no + nln, False) and
+                               (not is_metric or legacy_name_ok(buf, vo, vo + vln, True))):
+                bad = True
         out[s] = bad or not seen
 
 

@@ -126,7 +126,7 @@ def _utf8_ok(b, a, end):
 
 
 @numba.njit(cache=True, inline="always")
-def _legacy_ok(b, a, end, colon):
+def legacy_name_ok(b, a, end, colon):
     """Whether b[a:end] matches [a-zA-Z_][a-zA-Z0-9_]* (with ``colon``, ':' allowed anywhere too)."""
     if a == end:
         return False
@@ -170,9 +170,9 @@ def check_new_keys(keys, key_off, key_len, idx, legacy, out):
                 has_name = True
             if not (_utf8_ok(keys, p, q) and _utf8_ok(keys, v, w)):
                 ok = False
-            elif legacy and not _legacy_ok(keys, p, q, False):
+            elif legacy and not legacy_name_ok(keys, p, q, False):
                 ok = False
-            elif legacy and is_metric and not _legacy_ok(keys, v, w, True):
+            elif legacy and is_metric and not legacy_name_ok(keys, v, w, True):
                 ok = False
             p = w + 1
         out[j] = KEY_OK if ok and has_name else KEY_INVALID

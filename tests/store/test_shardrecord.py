@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import struct
 
-import cramjam
 import numpy as np
 import pytest
 
