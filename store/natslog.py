@@ -47,7 +47,7 @@ import nats.js.errors
 from nats.js import api
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from store.errors import LogTruncated, LogUnavailable, WALError
+from store.errors import DecodeError, LogTruncated, LogUnavailable, WALError
 from store.wal import decode_record, encode_record
 
 log = logging.getLogger(__name__)
@@ -579,24 +579,48 @@ class _Reader:
     gone: its reader sees no records while the stream has some, and recreates it (for a head
     replica after ``stall_timeout_s``), which places it on a live server. The server removes a
     consumer nobody fetched from for ``INACTIVE_S`` (a replica that went away for good).
+
+    Each ``fetch`` that finds nothing buffered makes one pull request (``no_wait``) for up to
+    ``prefetch`` records: the server sends what the stream holds at once, then a status that
+    ends the request; the messages land in a buffer from a subscription callback on the loop
+    thread, and the records past ``max_records`` wait there for the next calls. Only when the
+    stream had nothing does a second request wait for the next record (one, so that records
+    published while the caller works are not sent one message at a time; the next call picks
+    them up together). A replica keeping up and lingering between calls thus costs one request
+    and a few wake-ups per call, whatever it fetches. (nats-py's own ``fetch`` sent two requests
+    per call, kept the second open and waited for every message through ``asyncio.wait_for``.)
     """
 
     INACTIVE_S = 600.0
     DELETE_ATTEMPT_S = 2.0  # deleting a consumer whose server died is not answered, yet done
+    MIN_EXPIRES_S = 0.01  # the shortest wait for a next record worth a request
 
     def __init__(self, client: NatsConnection, stream: str, durable: str | None, start_seq: int,
-                 timeout_s: float) -> None:
+                 timeout_s: float, prefetch: int = 256) -> None:
         if start_seq < 1:
             raise ValueError(f"start sequence {start_seq} of stream {stream}: sequences start at 1")
+        if prefetch < 1:
+            raise ValueError("prefetch must be positive")
         self._client = client
         self.stream = stream
         self.durable = durable
         self.next_seq = start_seq
         self.pending = 0  # records after the last one returned, when it was delivered
         self._timeout_s = timeout_s
+        self._prefetch = prefetch
         self._consumer: str | None = None
         self._sub: Any = None
         self._recreate = False
+        self._pull_subject = ""
+        self._inbox = ""
+        self._generation = 0
+        # Delivered and not yet returned: (stream sequence, data, num_pending), appended on the
+        # loop thread. ``_ended``: a status ended a request since the last one was made;
+        # ``_error``: a status that ends the consumer.
+        self._buf: collections.deque[tuple[int, bytes, int]] = collections.deque()
+        self._cond = threading.Condition()
+        self._ended = False
+        self._error: Exception | None = None
         self._client.run(self._create(), timeout_s + 1, f"create consumer {durable or '(ephemeral)'} on {stream}")
 
     async def _create(self) -> None:
@@ -605,6 +629,10 @@ class _Reader:
         what = f"consumer {self.durable or '(ephemeral)'} of stream {self.stream} at {self.next_seq}"
         deadline = time.monotonic() + self._timeout_s
         await self._check_not_truncated(self.next_seq)
+        self._generation += 1  # deliveries to the old consumer's inbox are dropped from now on
+        with self._cond:
+            self._buf.clear()
+            self._error = None
         if self._sub is not None:
             sub, self._sub = self._sub, None
             try:
@@ -629,7 +657,15 @@ class _Reader:
         info = await c.retry(lambda: c.jsm.add_consumer(self.stream, config), deadline, self._timeout_s,
                              f"create {what}")
         self._consumer = info.name
-        self._sub = await c.js.pull_subscribe_bind(consumer=info.name, stream=self.stream)
+        self._pull_subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{info.name}"
+        self._inbox = c.nc.new_inbox()
+        generation = self._generation
+
+        async def on_msg(msg: Any) -> None:
+            if generation == self._generation:
+                self._on_msg(msg)
+
+        self._sub = await c.nc.subscribe(self._inbox, cb=on_msg)
 
     async def _check_not_truncated(self, seq: int) -> None:
         state = await self._client.stream_state(self.stream, self._timeout_s)
@@ -637,35 +673,93 @@ class _Reader:
             raise LogTruncated(f"stream {self.stream} no longer holds records {seq}..{state.first_seq - 1} "
                                f"(it starts at {state.first_seq})")
 
-    def fetch(self, max_records: int, timeout_s: float) -> list[tuple[int, bytes]]:
-        return self._client.run(self._fetch(max_records, timeout_s), timeout_s + self._timeout_s + 2,
-                                f"fetch from stream {self.stream}")
+    # --- on the loop thread ------------------------------------------------------------------
 
-    async def _fetch(self, max_records: int, timeout_s: float) -> list[tuple[int, bytes]]:
+    def _on_msg(self, msg: Any) -> None:
+        headers = msg.headers
+        status = headers.get(api.Header.STATUS) if headers else None
+        with self._cond:
+            if status is None:
+                try:
+                    seq, pending = _delivery(msg.reply)
+                except DecodeError as e:
+                    self._error = e
+                else:
+                    self._buf.append((seq, msg.data, pending))
+            elif status == "100":  # heartbeat or flow control: not asked for
+                return
+            elif status == "409" and "deleted" in headers.get(api.Header.DESCRIPTION, "").lower():
+                self._error = WALError(f"consumer {self._consumer} of stream {self.stream}: "
+                                       f"{headers.get(api.Header.DESCRIPTION)}")
+            else:
+                # 404 (nothing to send), 408 (expired) or another 409 (leadership change, limits):
+                # the request is over; the next call makes another.
+                self._ended = True
+            self._cond.notify()
+
+    def _publish_soon(self, payload: bytes) -> None:
+        """Sends a pull request from the loop thread; a failure (reconnecting) only means no
+        records come for it, which the caller's timeout covers."""
+        nc = self._client.nc
+        subject, inbox = self._pull_subject, self._inbox
+
+        async def send() -> None:
+            try:
+                await nc.publish(subject, payload, inbox)
+            except Exception as e:
+                log.debug("pull request", extra={"stream": self.stream, "error": f"{type(e).__name__}: {e}"})
+
+        self._client._loop.create_task(send())
+
+    # --- on the reader's thread --------------------------------------------------------------
+
+    def _request(self, payload: bytes) -> None:
+        """Under ``_cond``: makes a pull request (a status of an earlier one no longer counts)."""
+        self._ended = False
+        self._client._loop.call_soon_threadsafe(self._publish_soon, payload)
+
+    def _wait(self, done: Callable[[], bool], deadline: float) -> bool:
+        """Under ``_cond``: waits until ``done()``, an error or ``deadline``; whether done."""
+        while self._error is None and not done():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._cond.wait(remaining)
+        return self._error is None
+
+    def fetch(self, max_records: int, timeout_s: float) -> list[tuple[int, bytes]]:
         if max_records < 1:
             raise ValueError("max_records must be positive")
         if self._recreate:
-            await self._create()
+            self._client.run(self._create(), self._timeout_s + 2, f"recreate consumer of stream {self.stream}")
             self._recreate = False
-        try:
-            msgs = await self._sub.fetch(batch=max_records, timeout=timeout_s)
-        except (asyncio.TimeoutError, nats.errors.TimeoutError):
-            return []
-        except Exception as e:
-            raise _as_wal_error(e, f"fetch from stream {self.stream}") from e
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            if not self._buf and self._error is None:
+                # What the stream holds now, up to ``prefetch``: all of it before returning.
+                batch = self._prefetch
+                self._request(b'{"batch":%d,"no_wait":true}' % batch)
+                self._wait(lambda: self._ended or len(self._buf) >= batch, deadline)
+                expires = deadline - time.monotonic()
+                if not self._buf and self._error is None and expires >= self.MIN_EXPIRES_S:
+                    # Nothing yet: wait for the next record.
+                    self._request(b'{"batch":1,"expires":%d}' % int(expires * 1e9))
+                    self._wait(lambda: bool(self._buf), deadline)
+            if self._error is not None and not self._buf:
+                error, self._error = self._error, None
+                raise error
+            taken = [self._buf.popleft() for _ in range(min(max_records, len(self._buf)))]
         out: list[tuple[int, bytes]] = []
         gap = False
-        for msg in msgs:
-            meta = msg.metadata
-            seq = meta.sequence.stream
+        for seq, data, pending in taken:
             if seq < self.next_seq:
                 continue  # delivered again (a consumer recreated at an earlier position)
             if seq > self.next_seq:
                 gap = True
                 break
-            out.append((seq, decode_record(seq, msg.data)))
+            out.append((seq, decode_record(seq, data)))
             self.next_seq += 1
-            self.pending = meta.num_pending
+            self.pending = pending
         if gap:
             # A message was lost on its way, or the records were purged: start over at the first
             # missing one. The records read so far are returned first; the next call recreates
@@ -674,20 +768,45 @@ class _Reader:
                                                         "seq": self.next_seq})
             self._recreate = True
             if not out:
-                await self._create()
+                self._client.run(self._create(), self._timeout_s + 2,
+                                 f"recreate consumer of stream {self.stream}")
                 self._recreate = False
         return out
 
     def delete_quietly(self) -> None:
+        """Stops reading and deletes the consumer; failures are only logged."""
         if self._consumer is None:
             return
+        consumer = self._consumer
+
+        async def delete() -> None:
+            self._generation += 1
+            if self._sub is not None:
+                sub, self._sub = self._sub, None
+                await sub.unsubscribe()
+            await self._client.jsm.delete_consumer(self.stream, consumer)
+
         try:
-            self._client.run(self._client.call(lambda: self._client.jsm.delete_consumer(self.stream, self._consumer),
-                                               self._timeout_s, "delete consumer"), self._timeout_s + 1,
+            self._client.run(self._client.call(delete, self._timeout_s, "delete consumer"), self._timeout_s + 1,
                              "delete consumer")
         except WALError:
-            log.debug("consumer delete", extra={"stream": self.stream, "consumer": self._consumer}, exc_info=True)
+            log.debug("consumer delete", extra={"stream": self.stream, "consumer": consumer}, exc_info=True)
         self._consumer = None
+
+
+def _delivery(reply: str) -> tuple[int, int]:
+    """``(stream sequence, num_pending)`` of a JetStream delivery, from its reply subject:
+    ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>``, or
+    the newer form with ``<domain>.<account hash>`` after ``$JS.ACK`` and a random token at the end."""
+    tokens = reply.split(".")
+    try:
+        if len(tokens) == 9:
+            return int(tokens[5]), int(tokens[8])
+        if len(tokens) >= 11:
+            return int(tokens[7]), int(tokens[10])
+    except ValueError:
+        pass
+    raise DecodeError(f"not a JetStream delivery: reply subject {reply!r}")
 
 
 class NatsConsumer:
@@ -711,6 +830,8 @@ class NatsConsumer:
         start_seq: the first sequence to return (>= 1).
         timeout_s: bound of each control call (create, state, purge), retries included.
         connect_timeout_s: bound of the first connection.
+        prefetch: records one pull request asks for; those beyond ``max_records`` wait for the
+            next ``fetch`` (see ``_Reader``).
 
     Raises:
         LogTruncated: records from ``start_seq`` on were already purged.
@@ -718,13 +839,13 @@ class NatsConsumer:
     """
 
     def __init__(self, servers: list[str], stream: str, durable_name: str, start_seq: int, *,
-                 timeout_s: float = 10.0, connect_timeout_s: float = 10.0) -> None:
+                 timeout_s: float = 10.0, connect_timeout_s: float = 10.0, prefetch: int = 256) -> None:
         self.stream = stream
         self.durable_name = durable_name
         self.timeout_s = timeout_s
         self._client = NatsConnection(servers, f"consumer {stream}/{durable_name}", connect_timeout_s, 0.25)
         try:
-            self._reader = _Reader(self._client, stream, durable_name, start_seq, timeout_s)
+            self._reader = _Reader(self._client, stream, durable_name, start_seq, timeout_s, prefetch)
         except BaseException:
             self._client.close()
             raise

@@ -18,9 +18,9 @@ import pytest
 from nats.js.api import AckPolicy
 
 from tests.conftest import require_nats
-from store.errors import LogTruncated, LogUnavailable, WALError
+from store.errors import DecodeError, LogTruncated, LogUnavailable, WALError
 from store.natscluster import NatsCluster, free_ports
-from store.natslog import NatsConnection, NatsConsumer, NatsLog, wait_future
+from store.natslog import NatsConnection, NatsConsumer, NatsLog, _delivery, wait_future
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +141,66 @@ def test_consumers_are_in_memory_unreplicated_and_unacknowledged(cluster, nlog, 
         c.close(delete=True)
 
 
+def test_fetch_takes_what_the_stream_holds_in_one_request_and_keeps_the_rest(cluster, nlog, stream):
+    seqs = [nlog.append(record(i)) for i in range(12)]
+    c = NatsConsumer(cluster.urls, stream, "r0", 1, prefetch=8)
+    try:
+        assert c.fetch(3, 5.0) == [(s, record(s - 1)) for s in seqs[:3]]
+        # One request asked for `prefetch` records and all came at once; 4..8 wait here.
+        assert consumer_info(cluster, stream, "r0").delivered.stream_seq == 8
+        assert c.fetch(10, 5.0) == [(s, record(s - 1)) for s in seqs[3:8]]
+        assert consumer_info(cluster, stream, "r0").delivered.stream_seq == 8  # no request meanwhile
+        assert c.fetch(10, 5.0) == [(s, record(s - 1)) for s in seqs[8:]]
+        assert c.pending == 0
+    finally:
+        c.close(delete=True)
+
+
+def test_fetch_waits_for_the_next_record(cluster, nlog, stream):
+    c = NatsConsumer(cluster.urls, stream, "r0", 1)
+    try:
+        assert c.fetch(10, 0.2) == []
+        timer = threading.Timer(0.5, lambda: nlog.append(record(0)))
+        timer.start()
+        try:
+            got = c.fetch(10, 30.0)
+        finally:
+            timer.join()
+        assert got == [(1, record(0))]
+    finally:
+        c.close(delete=True)
+
+
+def test_fetch_from_a_deleted_consumer_raises(cluster, nlog, stream):
+    nlog.append(record(0))
+    c = NatsConsumer(cluster.urls, stream, "r0", 1)
+    try:
+        assert c.fetch(10, 5.0) == [(1, record(0))]
+        deleter = NatsConnection(cluster.urls, "deleter", 10, 0.25)
+        try:
+            timer = threading.Timer(0.5, lambda: deleter.run(deleter.jsm.delete_consumer(stream, "r0"), 10, "delete"))
+            timer.start()
+            try:
+                # Waiting for the next record when the servers delete the consumer: an error, not
+                # an empty answer after 30 s (a replica recreates its consumer on WALError).
+                with pytest.raises(WALError, match="(?i)deleted"):
+                    c.fetch(10, 30.0)
+            finally:
+                timer.join()
+        finally:
+            deleter.close()
+    finally:
+        c.close()
+
+
+def test_delivery_reply_subjects():
+    assert _delivery("$JS.ACK.s0.r0.1.42.40.1700000000000000000.7") == (42, 7)
+    assert _delivery("$JS.ACK.hub.ACCHASH.s0.r0.1.42.40.1700000000000000000.7.rnd") == (42, 7)
+    for bad in ("_INBOX.x.y", "$JS.ACK.s0.r0.1.x.40.1.7"):
+        with pytest.raises(DecodeError):
+            _delivery(bad)
+
+
 def test_last_seq(cluster, nlog, stream):
     assert nlog.last_seq() == 0
     c = NatsConsumer(cluster.urls, stream, "r0", 1)
@@ -160,7 +220,7 @@ def test_last_seq(cluster, nlog, stream):
 def test_purge_below(cluster, nlog, stream):
     for i in range(10):
         nlog.append(record(i))
-    reader = NatsConsumer(cluster.urls, stream, "slow", 1)
+    reader = NatsConsumer(cluster.urls, stream, "slow", 1, prefetch=5)  # holds no more than it returns
     try:
         assert [s for s, _ in reader.fetch(5, 1.0)] == list(range(1, 6))
         reader.purge_below(9)  # another replica checkpointed at 8
