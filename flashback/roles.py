@@ -99,7 +99,7 @@ def _status_route(router: Router, shards, pool: ThreadPoolExecutor) -> None:
 
 def cmd_store(args: argparse.Namespace) -> int:
     from store.head import HeadOptions
-    from store.headrpc import HeadService
+    from store.headrpc import HeadService, peer_checkpoint
     from store.errors import LogUnavailable
     from store import warmup
     from store.replica import HeadReplica
@@ -107,6 +107,7 @@ def cmd_store(args: argparse.Namespace) -> int:
     topology = load_topology(args.topology)
     shard = topology.shard(args.shard)
     shard.replica(args.replica)
+    peers = [(r.name, r.grpc) for r in shard.replicas if r.name != args.replica]
     warmup.ingest_kernels()
     registry = CollectorRegistry()
     deadline = time.monotonic() + args.start_timeout
@@ -116,7 +117,8 @@ def cmd_store(args: argparse.Namespace) -> int:
                                   head_options=HeadOptions(chunk_range_ms=args.chunk_range_ms),
                                   retention_ms=args.retention_ms, stream_replicas=topology.stream_replicas,
                                   peers=[r.name for r in shard.replicas],
-                                  checkpoint_interval_s=args.checkpoint_interval_s, registry=registry)
+                                  checkpoint_interval_s=args.checkpoint_interval_s, registry=registry,
+                                  peer_checkpoint=lambda need: peer_checkpoint(peers, need))
             break
         except (LogUnavailable, TimeoutError, OSError) as e:
             if time.monotonic() > deadline:
@@ -125,7 +127,7 @@ def cmd_store(args: argparse.Namespace) -> int:
             registry = CollectorRegistry()  # the failed attempt registered its metrics
             time.sleep(1)
     service = HeadService(replica.head, lambda: dict(replica.status(), shard=shard.name), address=args.grpc_listen,
-                          ready=lambda: replica.ready, registry=registry)
+                          ready=lambda: replica.ready, registry=registry, checkpoint=replica.serve_checkpoint)
     service.start()
     role = Role(f"store {shard.name}/{args.replica}", args.listen, registry, Router(), lambda: replica.ready)
 

@@ -302,6 +302,37 @@ def decode_string_batch(data: bytes) -> list[str]:
     return out
 
 
+_CHECKPOINT = struct.Struct("<BBQI")  # version, last flag, checkpoint sequence, item count
+_CHECKPOINT_BODY = struct.Struct("<BQI")  # the same after the version byte
+
+
+def encode_checkpoint_batches(seq: int, items: Iterable[tuple[bytes, bytes]], *,
+                              batch_bytes: int = BATCH_BYTES) -> Iterator[bytes]:
+    """``CheckpointBatch`` messages of a replica's checkpoint at stream sequence ``seq``; the
+    last one (possibly without items) has the last flag set."""
+    parts: list[bytes] = []
+    count = size = 0
+    for key, value in items:
+        parts += (_U32.pack(len(key)), key, _U32.pack(len(value)), value)
+        count += 1
+        size += 8 + len(key) + len(value)
+        if size >= batch_bytes:
+            yield _CHECKPOINT.pack(VERSION, 0, seq, count) + b"".join(parts)
+            parts, count, size = [], 0, 0
+    yield _CHECKPOINT.pack(VERSION, 1, seq, count) + b"".join(parts)
+
+
+def decode_checkpoint_batch(data: bytes) -> tuple[int, bool, list[tuple[bytes, bytes]]]:
+    """``(seq, last, items)`` of a ``CheckpointBatch``."""
+    r = _Reader(data, "checkpoint batch")  # checks the version
+    last, seq, count = r.unpack(_CHECKPOINT_BODY)
+    if last > 1:
+        raise DecodeError(f"checkpoint batch: last flag {last}")
+    items = [(r.blob(), r.blob()) for _ in range(count)]
+    r.end()
+    return seq, bool(last), items
+
+
 def encode_status(status: dict) -> bytes:
     """A ``Status`` response: a JSON object of the replica's status (strings, numbers, booleans)."""
     return _U8.pack(VERSION) + json.dumps(status, sort_keys=True, default=str).encode()
@@ -348,14 +379,19 @@ class HeadService:
         registry: where to register ``flashback_headrpc_*`` metrics (none if None).
         workers: threads answering calls; each running call holds one.
         batch_bytes: size at which a response message is closed.
+        checkpoint: the replica's latest durable checkpoint, ``(stream sequence, items)``,
+            served by ``Checkpoint`` to a peer that lost its own (answered whether or not
+            the replica is ready); without it ``Checkpoint`` is not served.
 
     ``start`` binds and serves; ``close`` stops, letting running calls finish for ``grace_s``.
     """
 
     def __init__(self, querier: Querier, status: Callable[[], dict], *, address: str,
                  registry: CollectorRegistry | None = None, ready: Callable[[], bool] | None = None,
-                 workers: int = 8, batch_bytes: int = BATCH_BYTES) -> None:
+                 workers: int = 8, batch_bytes: int = BATCH_BYTES,
+                 checkpoint: Callable[[], tuple[int, Iterable[tuple[bytes, bytes]]]] | None = None) -> None:
         self._querier = querier
+        self._checkpoint = checkpoint
         self._ready = ready
         self._batch_bytes = batch_bytes
         self._status = status
@@ -386,6 +422,8 @@ class HeadService:
             "LabelNames": grpc.unary_stream_rpc_method_handler(self._wrap_stream("LabelNames", self._label_names)),
             "LabelValues": grpc.unary_stream_rpc_method_handler(self._wrap_stream("LabelValues", self._label_values)),
             "Status": grpc.unary_unary_rpc_method_handler(self._wrap_unary("Status", self._status_call)),
+            **({"Checkpoint": grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream("Checkpoint", self._checkpoint_call))} if self._checkpoint else {}),
         })
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="headrpc"),
@@ -451,6 +489,12 @@ class HeadService:
         name, matchers, mint, maxt = decode_labels_request(request)
         return encode_string_batches(self._querier.label_values(name, matchers, mint, maxt),
                                      batch_bytes=self._batch_bytes)
+
+    def _checkpoint_call(self, request: bytes) -> Iterator[bytes]:
+        _Reader(request, "checkpoint request").end()
+        assert self._checkpoint is not None
+        seq, items = self._checkpoint()
+        return encode_checkpoint_batches(seq, items, batch_bytes=self._batch_bytes)
 
     def _status_call(self, request: bytes) -> bytes:
         _Reader(request, "status request").end()
@@ -569,6 +613,7 @@ class RemoteHead:
         self._label_names_rpc = stream(f"/{SERVICE}/LabelNames")
         self._label_values_rpc = stream(f"/{SERVICE}/LabelValues")
         self._status_rpc = self._channel.unary_unary(f"/{SERVICE}/Status")
+        self._checkpoint_rpc = stream(f"/{SERVICE}/Checkpoint")
 
     def close(self) -> None:
         self._channel.close()
@@ -618,8 +663,44 @@ class RemoteHead:
             raise self._error("Status", e) from None
         return decode_status(msg)
 
-    def _stream(self, method: str, rpc: grpc.UnaryStreamMultiCallable, request: bytes) -> Iterator[bytes]:
-        call = rpc(request, timeout=self.timeout_s)
+    def checkpoint(self, timeout_s: float = 600.0) -> tuple[int, Iterator[tuple[bytes, bytes]]]:
+        """The replica's latest durable checkpoint: ``(stream sequence, items)``.
+
+        The items are streamed as they are iterated (all within ``timeout_s``); the iterator
+        raises ``DecodeError`` if the stream ends without its last message or changes its
+        sequence, and the errors of the other calls if the replica fails meanwhile.
+        """
+        messages = self._stream("Checkpoint", self._checkpoint_rpc, _U8.pack(VERSION), timeout_s)
+        try:
+            seq, last, first = decode_checkpoint_batch(next(messages))
+        except StopIteration:
+            raise DecodeError(f"Checkpoint on head replica {self.address}: empty stream") from None
+        except BaseException:
+            messages.close()
+            raise
+
+        def items() -> Iterator[tuple[bytes, bytes]]:
+            done = last
+            try:
+                yield from first
+                for msg in messages:
+                    if done:
+                        raise DecodeError(f"Checkpoint on head replica {self.address}: messages after the last")
+                    s, done, batch = decode_checkpoint_batch(msg)
+                    if s != seq:
+                        raise DecodeError(f"Checkpoint on head replica {self.address}: sequence {s} after {seq}")
+                    yield from batch
+                if not done:
+                    raise DecodeError(f"Checkpoint on head replica {self.address}: stream ended before its last "
+                                      f"message")
+            finally:
+                messages.close()
+
+        return seq, items()
+
+    def _stream(self, method: str, rpc: grpc.UnaryStreamMultiCallable, request: bytes,
+                timeout_s: float | None = None) -> Iterator[bytes]:
+        call = rpc(request, timeout=timeout_s or self.timeout_s)
         try:
             yield from call
         except grpc.RpcError as e:
@@ -639,3 +720,34 @@ class RemoteHead:
         if code is grpc.StatusCode.INVALID_ARGUMENT:
             return _ARGUMENT_ERRORS.get(kind, InvalidMatcher)(msg)
         return ReplicaError(f"{msg} ({code.name})")
+
+
+def peer_checkpoint(peers: Sequence[tuple[str, str]], need: int, *, timeout_s: float = 10.0
+                    ) -> tuple[str, int, Iterator[tuple[bytes, bytes]]] | None:
+    """The checkpoint of the first of ``peers`` (``(name, HOST:PORT)`` of head replicas of the
+    same shard) that serves one at stream sequence ``need`` or above, as ``(name, seq, items)``;
+    ``None`` if none does. Unreachable peers and older checkpoints are skipped (logged). The
+    items are streamed as they are iterated; the channel closes with the iterator."""
+    for name, address in peers:
+        client = RemoteHead(address, timeout_s=timeout_s)
+        try:
+            seq, items = client.checkpoint()
+        except (ReplicaError, DecodeError, UnsupportedVersion) as e:
+            client.close()
+            log.warning("peer checkpoint not available", extra={"peer": name, "address": address, "err": str(e)})
+            continue
+        if seq < need:
+            items.close()  # type: ignore[attr-defined]
+            client.close()
+            log.warning("peer checkpoint too old", extra={"peer": name, "seq": seq, "needed": need})
+            continue
+
+        def closing(items: Iterator[tuple[bytes, bytes]] = items, client: RemoteHead = client
+                    ) -> Iterator[tuple[bytes, bytes]]:
+            try:
+                yield from items
+            finally:
+                client.close()
+
+        return name, seq, closing()
+    return None

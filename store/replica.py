@@ -219,6 +219,8 @@ class _Metrics:
                                registry=registry)
         self.samples = Counter("flashback_replica_samples_applied_total", "Samples in the applied records, "
                                "appended or rejected by the head.", registry=registry)
+        self.bootstraps = Counter("flashback_replica_bootstraps_total", "Starts that replaced a checkpoint older "
+                                  "than the stream's first record by a peer's.", registry=registry)
         self.skipped = Counter("flashback_replica_records_skipped_total", "Records whose request does not decode; "
                                "every replica skips them alike.", registry=registry)
         self.fetch_errors = Counter("flashback_replica_fetch_errors_total", "Fetches from the stream that failed "
@@ -266,6 +268,12 @@ class HeadReplica:
         peers: names of every replica of the shard (this one is added if missing). The stream
             is purged below the lowest of their recorded checkpoints + 1 once all recorded
             one; without peers this replica records its checkpoints but never purges.
+        peer_checkpoint: asked on start when the stream no longer holds the records after this
+            replica's checkpoint (its disk was lost, or it is new to a shard whose stream was
+            purged): called with the lowest sequence it could continue from, it returns
+            ``(peer name, sequence, items)`` of a peer's checkpoint at or above it (see
+            ``serve_checkpoint``), or ``None``; that checkpoint then replaces this replica's.
+            Without it (or with ``None``), such a start raises ``LogTruncated``.
         stream_replicas: replicas of the stream (if created here) and of the KV bucket.
         checkpoint_interval_s: pause between periodic checkpoints.
         poll_interval_s: how often the stream's last sequence is polled (``lag`` while no
@@ -305,7 +313,9 @@ class HeadReplica:
                  fetch_batch: int = 64,
                  fetch_linger_s: float = 0.25,
                  timeout_s: float = 10.0, stall_timeout_s: float = 5.0, checkpoint_bucket: str = CHECKPOINT_BUCKET,
-                 registry: CollectorRegistry | None = None, now: Callable[[], float] = time.time) -> None:
+                 registry: CollectorRegistry | None = None, now: Callable[[], float] = time.time,
+                 peer_checkpoint: Callable[[int], tuple[str, int, Iterator[tuple[bytes, bytes]]] | None] | None = None
+                 ) -> None:
         for what, name in (("stream", stream), ("replica", replica_name), *(("peer", p) for p in peers)):
             if not _NAME.match(name):
                 raise ValueError(f"{what} name {name!r}: letters, digits, '-' and '_' only (1-64)")
@@ -333,6 +343,7 @@ class HeadReplica:
         self._timeout_s = timeout_s
         self._stall_timeout_s = stall_timeout_s
         self._now = now
+        self._peer_checkpoint = peer_checkpoint
         self._m = _Metrics(registry if registry is not None else CollectorRegistry(auto_describe=False))
         self._apply_lock = threading.Lock()  # head.append and _applied change together
         self._checkpoint_lock = threading.Lock()
@@ -365,7 +376,14 @@ class HeadReplica:
     def _open(self, registry: CollectorRegistry | None) -> None:
         start = time.monotonic()
         self._store = RocksLog(os.path.join(self.data_dir, "checkpoint"))
+        self._client = NatsConnection(self._servers, f"replica {self.stream}/{self.name}", self._timeout_s, 0.25)
+        self._marks = CheckpointMarks(self._client, self._checkpoint_bucket, replicas=self._stream_replicas,
+                                      timeout_s=self._timeout_s)
+        self._ensure_stream()
+        state = self.stream_state()
         seq, items = self._store.load_checkpoint()
+        if seq < state.first_seq - 1 and seq < state.last_seq and self._peer_checkpoint is not None:
+            seq, items = self._bootstrap(seq, state)
         self._head = Head(self.head_options, registry=registry)
         self._head.load_checkpoint(self._head_items(seq, items))
         meta = self._meta
@@ -377,12 +395,6 @@ class HeadReplica:
         self._m.restore.set(restore_s)
         self._m.applied_seq.set(seq)
         self._m.checkpoint_seq.set(seq)
-
-        self._client = NatsConnection(self._servers, f"replica {self.stream}/{self.name}", self._timeout_s, 0.25)
-        self._marks = CheckpointMarks(self._client, self._checkpoint_bucket, replicas=self._stream_replicas,
-                                      timeout_s=self._timeout_s)
-        self._ensure_stream()
-        state = self.stream_state()
         if seq > state.last_seq:
             raise CheckpointMismatch(
                 f"replica {self.name} checkpointed stream {self.stream} at sequence {seq}, but the stream ends at "
@@ -396,26 +408,60 @@ class HeadReplica:
                                             "series": self._head.num_series(), "seconds": round(restore_s, 3),
                                             "stream_last_seq": state.last_seq})
 
-    def _head_items(self, seq: int, items: Iterable[tuple[bytes, bytes]]) -> Iterator[tuple[bytes, bytes]]:
+    def _bootstrap(self, seq: int, state: StreamState) -> tuple[int, Iterator[tuple[bytes, bytes]]]:
+        """Replaces the local checkpoint (at ``seq``, older than the stream's first record) by a
+        peer's that the stream can continue, and returns it loaded: the peer's checkpoint is the
+        head after the same records, and a checkpoint names its stream, not its replica."""
+        need = state.first_seq - 1
+        got = self._peer_checkpoint(need)  # type: ignore[misc]
+        if got is None:
+            log.warning("replica bootstrap: no peer checkpoint", extra={
+                "stream": self.stream, "replica": self.name, "checkpoint_seq": seq, "needed": need})
+            return self._store.load_checkpoint()  # type: ignore[union-attr]
+        peer, peer_seq, items = got
+        if peer_seq < need:
+            raise ValueError(f"peer {peer} offered checkpoint {peer_seq}, below the {need} asked for")
+        start = time.monotonic()
+        checked = self._head_items(peer_seq, items, keep_meta=True, where=f"peer {peer}'s checkpoint")
+        self._store.save_checkpoint(peer_seq, checked)  # type: ignore[union-attr]
+        self._m.bootstraps.inc()
+        log.info("replica bootstrapped from a peer's checkpoint", extra={
+            "stream": self.stream, "replica": self.name, "peer": peer, "checkpoint_seq": peer_seq,
+            "previous_seq": seq, "stream_first_seq": state.first_seq, "seconds": round(time.monotonic() - start, 3)})
+        return self._store.load_checkpoint()  # type: ignore[union-attr]
+
+    def serve_checkpoint(self) -> tuple[int, Iterator[tuple[bytes, bytes]]]:
+        """This replica's latest durable checkpoint ``(stream sequence, items)``, for a peer that
+        lost its own (``store.headrpc.HeadService``'s ``Checkpoint``); read from a snapshot, so
+        checkpoints saved meanwhile do not disturb it."""
+        store = self._store
+        if store is None:
+            raise WALError(f"checkpoint of closed replica {self.name} of stream {self.stream}")
+        return store.load_checkpoint()
+
+    def _head_items(self, seq: int, items: Iterable[tuple[bytes, bytes]], keep_meta: bool = False,
+                    where: str = "") -> Iterator[tuple[bytes, bytes]]:
         """The head's items of a checkpoint, after checking its meta item names this stream; the
         meta item goes to ``self._meta``."""
+        where = where or f"checkpoint in {self.data_dir}"
         seen_meta = False
         for key, value in items:
             if key == META_KEY:
                 meta = decode_meta(value)
                 if meta.stream != self.stream:
-                    raise CheckpointMismatch(f"checkpoint in {self.data_dir} (sequence {seq}, replica {meta.replica}) "
+                    raise CheckpointMismatch(f"{where} (sequence {seq}, replica {meta.replica}) "
                                              f"is of stream {meta.stream}, not {self.stream}")
                 seen_meta = True
-                self._meta = meta
+                if keep_meta:
+                    yield key, value
+                else:
+                    self._meta = meta
                 continue
             if not seen_meta and seq > 0 and key > META_KEY:
-                raise CheckpointMismatch(f"checkpoint in {self.data_dir} (sequence {seq}) is not a head replica's: "
-                                         "it has no replica item")
+                raise CheckpointMismatch(f"{where} (sequence {seq}) is not a head replica's: it has no replica item")
             yield key, value
         if seq > 0 and not seen_meta:
-            raise CheckpointMismatch(f"checkpoint in {self.data_dir} (sequence {seq}) is not a head replica's: it has "
-                                     "no replica item")
+            raise CheckpointMismatch(f"{where} (sequence {seq}) is not a head replica's: it has no replica item")
 
     def _ensure_stream(self) -> None:
         """Creates the stream as ``NatsLog`` would if it does not exist; leaves an existing one alone."""
@@ -516,8 +562,10 @@ class HeadReplica:
         except LogTruncated as e:
             raise LogTruncated(
                 f"replica {self.name} of stream {self.stream} needs records from {after + 1} on (it applied "
-                f"through {after}), but they were purged: {e}. It cannot catch up from the stream; give it a "
-                f"peer's checkpoint (not automated yet)") from e
+                f"through {after}), but they were purged: {e}. It cannot catch up from the stream, and "
+                + ("no peer served a checkpoint it could continue from" if self._peer_checkpoint is not None
+                   else "it was given no peers to ask for a checkpoint") + ". Start it again once a peer is up, "
+                f"or copy a peer's {os.path.basename(self.data_dir)}/checkpoint while that peer is stopped") from e
 
     def _drop_consumer(self) -> None:
         consumer, self._consumer = self._consumer, None

@@ -508,3 +508,95 @@ def test_select_request_round_trip_property(raw, mint, maxt):
     matchers = [Matcher(t, n, v) for t, n, v in raw]
     data = headrpc.encode_select_request(matchers, mint, maxt)
     assert headrpc.decode_select_request(data) == (matchers, mint, maxt, None)
+
+
+# ---- Checkpoint -------------------------------------------------------------------------------
+
+CHECKPOINT_ITEMS = [(b"h", b"head"), (b"r", b"\x02meta"), *((b"s%05d" % i, bytes([i % 256]) * (i % 97))
+                                                               for i in range(300))]
+
+
+@pytest.mark.parametrize("batch_bytes", [1, 200, 1 << 20])
+def test_checkpoint_batches_round_trip(batch_bytes):
+    msgs = list(headrpc.encode_checkpoint_batches(42, iter(CHECKPOINT_ITEMS), batch_bytes=batch_bytes))
+    decoded = [headrpc.decode_checkpoint_batch(m) for m in msgs]
+    assert [last for _, last, _ in decoded] == [False] * (len(msgs) - 1) + [True]
+    assert {seq for seq, _, _ in decoded} == {42}
+    assert [item for _, _, items in decoded for item in items] == CHECKPOINT_ITEMS
+    assert (len(msgs) > 100) == (batch_bytes == 1)
+    # An empty checkpoint (a replica that never saved one) is one last message without items.
+    assert [headrpc.decode_checkpoint_batch(m) for m in headrpc.encode_checkpoint_batches(0, [])] == [(0, True, [])]
+
+
+def test_checkpoint_batch_errors():
+    msg = next(headrpc.encode_checkpoint_batches(7, CHECKPOINT_ITEMS[:3]))
+    with pytest.raises(DecodeError):
+        headrpc.decode_checkpoint_batch(msg[:-1])
+    with pytest.raises(DecodeError):
+        headrpc.decode_checkpoint_batch(msg + b"x")
+    with pytest.raises(DecodeError):
+        headrpc.decode_checkpoint_batch(msg[:1] + b"\x02" + msg[2:])  # last flag 2
+    with pytest.raises(UnsupportedVersion):
+        headrpc.decode_checkpoint_batch(b"\x02" + msg[1:])
+
+
+def test_checkpoint_is_streamed_to_a_client(head):
+    ready = [False]  # served while not ready: a peer's durable checkpoint does not depend on it
+    with HeadService(head, lambda: {}, address="127.0.0.1:0", ready=lambda: ready[0], batch_bytes=100,
+                     checkpoint=lambda: (42, iter(CHECKPOINT_ITEMS))) as svc, \
+            RemoteHead(f"127.0.0.1:{svc.port}", timeout_s=5) as client:
+        seq, items = client.checkpoint()
+        assert seq == 42 and list(items) == CHECKPOINT_ITEMS
+
+
+def test_checkpoint_failing_on_the_server_fails_the_client(head):
+    def broken():
+        yield from CHECKPOINT_ITEMS[:100]
+        raise DecodeError("checkpoint manifest names 302 items, found 100")
+
+    with HeadService(head, lambda: {}, address="127.0.0.1:0", batch_bytes=100,
+                     checkpoint=lambda: (42, broken())) as svc, \
+            RemoteHead(f"127.0.0.1:{svc.port}", timeout_s=5) as client:
+        seq, items = client.checkpoint()
+        # The server's own DecodeError comes back as one (INVALID_ARGUMENT, see headrpc.md).
+        with pytest.raises(DecodeError, match=r"Checkpoint on head replica .*302 items"):
+            list(items)
+
+
+def test_checkpoint_stream_without_its_last_message_is_refused():
+    import grpc
+
+    def handler(request, context):
+        yield next(headrpc.encode_checkpoint_batches(42, CHECKPOINT_ITEMS, batch_bytes=10))  # not the last
+        yield b"\x01\x00" + struct.pack("<QI", 43, 0)  # another sequence
+
+    for stop in (1, 2):
+        server = grpc.server(ThreadPoolExecutor(2), handlers=[grpc.method_handlers_generic_handler(
+            headrpc.SERVICE, {"Checkpoint": grpc.unary_stream_rpc_method_handler(
+                lambda r, c, stop=stop: (m for i, m in enumerate(handler(r, c)) if i < stop))})])
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        try:
+            with RemoteHead(f"127.0.0.1:{port}", timeout_s=5) as client:
+                seq, items = client.checkpoint()
+                assert seq == 42
+                with pytest.raises(DecodeError, match="before its last message" if stop == 1 else "sequence 43"):
+                    list(items)
+        finally:
+            server.stop(None)
+
+
+def test_peer_checkpoint_skips_unreachable_and_older_peers(head):
+    down = HeadService(Head(), lambda: {}, address="127.0.0.1:0").start()
+    down_port = down.port
+    down.close()
+    with HeadService(head, lambda: {}, address="127.0.0.1:0") as no_checkpoints, \
+            HeadService(head, lambda: {}, address="127.0.0.1:0", checkpoint=lambda: (9, iter(CHECKPOINT_ITEMS))) \
+            as old, \
+            HeadService(head, lambda: {}, address="127.0.0.1:0", checkpoint=lambda: (12, iter(CHECKPOINT_ITEMS))) \
+            as good:
+        peers = [("down", f"127.0.0.1:{down_port}"), ("unimplemented", f"127.0.0.1:{no_checkpoints.port}"),
+                 ("old", f"127.0.0.1:{old.port}"), ("good", f"127.0.0.1:{good.port}")]
+        name, seq, items = headrpc.peer_checkpoint(peers, 10, timeout_s=5)
+        assert (name, seq, list(items)) == ("good", 12, CHECKPOINT_ITEMS)
+        assert headrpc.peer_checkpoint(peers[:3], 10, timeout_s=5) is None

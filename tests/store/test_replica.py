@@ -26,9 +26,11 @@ from store import writerequest
 from store.db import decode_record, encode_record
 from store.errors import CheckpointMismatch, LogTruncated, LogUnavailable, UnsupportedVersion
 from store.head import Head
+from store.headrpc import HeadService, peer_checkpoint
 from store.matchers import Matcher, MatchType
 from store.natslog import NatsLog
 from store.replica import CHECKPOINT_BUCKET, HeadReplica, consumer_name, decode_mark, mark_key
+from store.wal import RocksLog
 
 MIN, MAX = -(2**63), 2**63 - 1
 T0 = 1_700_000_000_000  # the writer's clock in every record
@@ -357,6 +359,81 @@ def test_replica_behind_a_purge_fails_clearly(cluster, nlog, stream, tmp_path):
         assert dump(r.head) == dump(reference(record(k) for k in range(25)))
     finally:
         r.close(checkpoint=False)
+
+
+def test_replica_behind_a_purge_bootstraps_from_a_peers_checkpoint(cluster, nlog, stream, tmp_path):
+    publish(nlog, range(10))
+    # "ok" takes only itself as the shard, so it purges below its own checkpoint (as the stream's
+    # age or size limits could for the others).
+    ok = replica(cluster, stream, "ok", tmp_path, peers=["ok"])
+    service = HeadService(ok.head, ok.status, address="127.0.0.1:0", ready=lambda: ok.ready,
+                          checkpoint=ok.serve_checkpoint).start()
+    down = HeadService(Head(), lambda: {}, address="127.0.0.1:0").start()
+    down_port = down.port
+    down.close()
+    peers = [("down", f"127.0.0.1:{down_port}"), ("ok", f"127.0.0.1:{service.port}")]
+    try:
+        assert ok.wait_ready(60) and ok.checkpoint() == 10
+        publish(nlog, range(10, 15))
+        assert nlog.state().first_seq == 11
+        # Without a peer serving a checkpoint a replica whose disk was lost cannot start.
+        with pytest.raises(LogTruncated, match="needs records from 1 on.*no peer served a checkpoint"):
+            replica(cluster, stream, "lost", tmp_path, peer_checkpoint=lambda need: None)
+        registry = CollectorRegistry()
+        lost = replica(cluster, stream, "lost", tmp_path, registry=registry,
+                       peer_checkpoint=lambda need: peer_checkpoint(peers, need, timeout_s=5))
+        try:
+            assert lost.wait_ready(60) and lost.applied_seq == 15 and lost.checkpoint_seq == 10
+            wait_applied([ok], 15)
+            assert dump(lost.head) == dump(ok.head) == dump(reference(record(k) for k in range(15)))
+            assert metric(registry, "flashback_replica_bootstraps_total") == 1
+            last = publish(nlog, range(15, 20))[-1]
+            wait_applied([ok, lost], last)
+            assert dump(lost.head) == dump(ok.head)
+        finally:
+            lost.close()  # its own checkpoint at 20 now
+        # Restarted, it continues from its own checkpoint without asking.
+        registry = CollectorRegistry()
+        lost = replica(cluster, stream, "lost", tmp_path, registry=registry,
+                       peer_checkpoint=lambda need: pytest.fail("asked a peer"))
+        try:
+            assert lost.wait_ready(60) and lost.checkpoint_seq == 20
+            assert metric(registry, "flashback_replica_bootstraps_total") == 0
+        finally:
+            lost.close()
+    finally:
+        service.close()
+        ok.close()
+
+
+def test_a_peer_checkpoint_of_another_stream_is_refused_and_not_saved(cluster, nlog, stream, tmp_path):
+    publish(nlog, range(5))
+    other = f"{stream[:50]}_other"
+    olog = NatsLog(cluster.urls, other, replicas=3)
+    try:
+        publish(olog, range(3))
+        theirs = replica(cluster, other, "theirs", tmp_path)
+        try:
+            assert theirs.wait_ready(60) and theirs.checkpoint() == 3
+            seq, items = theirs.serve_checkpoint()
+            offered = ("theirs", seq, list(items))
+        finally:
+            theirs.close()
+        ok = replica(cluster, stream, "ok", tmp_path, peers=["ok"])
+        try:
+            assert ok.wait_ready(60) and ok.checkpoint() == 5  # purges 1..5
+        finally:
+            ok.close()
+        publish(nlog, range(5, 7))
+        with pytest.raises(CheckpointMismatch, match=f"peer theirs's checkpoint .* is of stream {other}, not {stream}"):
+            replica(cluster, stream, "lost", tmp_path, peer_checkpoint=lambda need: (offered[0], 6, iter(offered[2])))
+        store = RocksLog(str(tmp_path / "lost" / "checkpoint"))
+        try:
+            assert store.load_checkpoint()[0] == 0  # nothing of the refused checkpoint was kept
+        finally:
+            store.close()
+    finally:
+        olog.close()
 
 
 def test_checkpoint_of_another_stream_or_ahead_of_the_stream_is_refused(cluster, nlog, stream, tmp_path):
