@@ -59,7 +59,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from adapter.remote_write import _bad, decode_request
 from store import shardrecord, writerequest
-from store.bytesops import any_non_ascii, bytes_equal, memcpy
+from store.bytesops import any_high_but_ff, any_non_ascii, bytes_equal, memcpy
 from store.headkernels import legacy_name_ok
 from store.db import encode_record
 from store.errors import LogUnavailable, WALError
@@ -100,13 +100,23 @@ def msg_id(part: bytes | np.ndarray, shard: str) -> str:
 
 
 @numba.njit(cache=True, nogil=True)
-def _suspects(buf, series, labels, metric, legacy, out):
+def _suspects(buf, series, labels, keys, metric, legacy, out):
     """Marks series whose labels Python must check: non-canonical, non-ASCII bytes, no
     ``__name__``, or (legacy names) characters outside ``[a-zA-Z0-9_]`` (``:`` also allowed
-    in the metric name). Unmarked series are valid; marked ones may be."""
+    in the metric name). Unmarked series are valid; marked ones may be.
+
+    Most series are told apart on their canonical key alone (``name 0xff value 0xff ...``, names
+    sorted, no 0xff inside): one that starts with ``__name__`` and holds no other byte >= 0x80
+    is valid with UTF-8 names; the others are checked label by label in the request."""
+    m = metric.shape[0]
     for s in range(series.shape[0]):
         if series[s, S_FLAGS] & NEEDS_SLOW_PATH:
             out[s] = True
+            continue
+        ko, kn = series[s, S_KEY_OFF], series[s, S_KEY_LEN]
+        if not legacy and kn > m and keys[ko + m] == 0xFF and bytes_equal(keys, ko, m, metric, 0, m) \
+                and not any_high_but_ff(keys, ko, kn):
+            out[s] = False
             continue
         bad = False
         seen = False
@@ -122,6 +132,84 @@ def _suspects(buf, series, labels, metric, legacy, out):
                                (not is_metric or legacy_name_ok(buf, vo, vo + vln, True))):
                 bad = True
         out[s] = bad or not seen
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _put_u32(buf, p, x):
+    buf[p] = x & 0xFF
+    buf[p + 1] = (x >> 8) & 0xFF
+    buf[p + 2] = (x >> 16) & 0xFF
+    buf[p + 3] = (x >> 24) & 0xFF
+
+
+@numba.njit(cache=True, nogil=True)
+def _columns_blocks(series, keys, ts_bytes, vbits_bytes, shard, idx, n_shards, limit):
+    """The columns blocks (``store.shardrecord``) of the series ``idx``, shard after shard and in
+    request order within a shard, cut so that no block's body (past its 16-byte header) exceeds
+    ``limit`` bytes unless one series does: ``(buf, blocks)``, the blocks back to back in ``buf``
+    and per block ``(shard, start, end, series, samples)``. ``ts_bytes``/``vbits_bytes`` are the
+    request's timestamps and value bits as bytes; a series' samples are contiguous there."""
+    n = idx.shape[0]
+    first = np.zeros(n_shards + 1, dtype=np.int64)  # counting sort by shard, stable
+    for j in range(n):
+        first[shard[idx[j]] + 1] += 1
+    for k in range(n_shards):
+        first[k + 1] += first[k]
+    order = np.empty(n, dtype=np.int64)
+    fill = first[:-1].copy()
+    for j in range(n):
+        i = idx[j]
+        order[fill[shard[i]]] = i
+        fill[shard[i]] += 1
+    blocks = np.empty((n, 5), dtype=np.int64)  # shard, first and end position in order, samples, key bytes
+    nb = 0
+    total = 0
+    for k in range(n_shards):
+        a, end = first[k], first[k + 1]
+        while a < end:
+            b, size, samples, key_bytes = a, 0, 0, 0
+            while b < end:
+                i = order[b]
+                kl, ns = series[i, S_KEY_LEN], series[i, S_SMP_N]
+                s = 8 + kl + 16 * ns
+                if b > a and size + s > limit:
+                    break
+                size += s
+                samples += ns
+                key_bytes += kl
+                b += 1
+            blocks[nb, 0], blocks[nb, 1], blocks[nb, 2], blocks[nb, 3], blocks[nb, 4] = k, a, b, samples, key_bytes
+            nb += 1
+            total += 16 + size
+            a = b
+    buf = np.empty(total, dtype=np.uint8)
+    out = np.empty((nb, 5), dtype=np.int64)
+    p = 0
+    for bi in range(nb):
+        k, a, b, samples, key_bytes = blocks[bi, 0], blocks[bi, 1], blocks[bi, 2], blocks[bi, 3], blocks[bi, 4]
+        start = p
+        _put_u32(buf, p, b - a)
+        _put_u32(buf, p + 4, samples)
+        _put_u32(buf, p + 8, key_bytes)
+        _put_u32(buf, p + 12, 0)
+        p += 16
+        for j in range(a, b):
+            _put_u32(buf, p, series[order[j], S_KEY_LEN])
+            p += 4
+        for j in range(a, b):
+            _put_u32(buf, p, series[order[j], S_SMP_N])
+            p += 4
+        for src in (ts_bytes, vbits_bytes):
+            for j in range(a, b):
+                nbytes = 8 * series[order[j], S_SMP_N]
+                memcpy(buf, p, src, 8 * series[order[j], S_SMP_START], nbytes)
+                p += nbytes
+        for j in range(a, b):
+            i = order[j]
+            memcpy(buf, p, keys, series[i, S_KEY_OFF], series[i, S_KEY_LEN])
+            p += series[i, S_KEY_LEN]
+        out[bi, 0], out[bi, 1], out[bi, 2], out[bi, 3], out[bi, 4] = k, start, p, b - a, samples
+    return buf, out
 
 
 @numba.njit(cache=True, nogil=True)
@@ -263,7 +351,7 @@ class ShardedWriteHandler:
         shard = (req.hashes % np.uint64(len(self._logs))).astype(np.int64)
         keep = np.ones(ns, dtype=np.bool_)
         suspects = np.empty(ns, dtype=np.bool_)
-        _suspects(req.buf, ser, req.labels, _METRIC, self._legacy, suspects)
+        _suspects(req.buf, ser, req.labels, req.keys, _METRIC, self._legacy, suspects)
         for i in np.flatnonzero(suspects).tolist():
             labels, err = validate_labels(req.label_pairs(i), self._name_validation)
             if err:
@@ -283,11 +371,11 @@ class ShardedWriteHandler:
         idx = np.flatnonzero(keep)
         if len(idx) == 0:
             return []
+        # Columns records need canonical labels (read back from the keys) and no histograms.
+        if self.record_format == "columns" and not (ser[idx, S_FLAGS] & (NEEDS_SLOW_PATH | HAS_HISTOGRAMS)).any():
+            return self._split_columns(req, idx, shard, now_ms)
         order = idx[np.argsort(shard[idx], kind="stable")]
         nsamples = ser[order, S_SMP_N]
-        # Columns records need canonical labels (read back from the keys) and no histograms.
-        if self.record_format == "columns" and not (ser[order, S_FLAGS] & (NEEDS_SLOW_PATH | HAS_HISTOGRAMS)).any():
-            return self._split_columns(req, order, shard[order], nsamples, now_ms)
         starts, ends = ser[:, S_SPAN_START], ser[:, S_SPAN_END]
         lengths = ends[order] - starts[order]
         cum = np.zeros(len(order) + 1, dtype=np.int64)
@@ -312,38 +400,17 @@ class ShardedWriteHandler:
                 a = j
         return parts
 
-    def _split_columns(self, req: writerequest.WriteRequest, order: np.ndarray, ordered_shards: np.ndarray,
-                       nsamples: np.ndarray, now_ms: int) -> list[_Part]:
-        """``split`` into columns records (``store.shardrecord``): the series ``order`` (sorted by
-        shard), cut so that no block exceeds ``max_part_bytes``."""
-        ser = req.series
-        key_off, key_len = ser[:, S_KEY_OFF], ser[:, S_KEY_LEN]
-        klen = key_len[order]
-        cum = np.zeros(len(order) + 1, dtype=np.int64)  # block bytes of the series, header aside
-        np.cumsum(8 + klen + 16 * nsamples, out=cum[1:])
-        kcum = np.zeros(len(order) + 1, dtype=np.int64)
-        np.cumsum(klen, out=kcum[1:])
-        keys = np.empty(int(kcum[-1]), dtype=np.uint8)
-        _gather(req.keys, key_off, key_off + key_len, order, keys)
-        smp = np.zeros(len(order) + 1, dtype=np.int64)
-        np.cumsum(nsamples, out=smp[1:])
-        # The samples of each series are contiguous in the request, series after series.
-        first = ser[order, S_SMP_START]
-        sidx = np.repeat(first - smp[:-1], nsamples) + np.arange(int(smp[-1]), dtype=np.int64)
-        ts, vbits = req.ts[sidx], req.vbits[sidx]
-        bounds = np.flatnonzero(np.diff(ordered_shards)) + 1
-        limit = self.max_part_bytes - shardrecord.block_size(0, 0, 0)
+    def _split_columns(self, req: writerequest.WriteRequest, idx: np.ndarray, shard: np.ndarray,
+                       now_ms: int) -> list[_Part]:
+        """``split`` into columns records (``store.shardrecord``): the series ``idx`` by shard (in
+        request order within a shard), cut so that no block exceeds ``max_part_bytes``."""
+        buf, blocks = _columns_blocks(req.series, req.keys, req.ts.view(np.uint8), req.vbits.view(np.uint8),
+                                      shard, idx, len(self._logs), self.max_part_bytes - shardrecord.block_size(0, 0, 0))
         parts = []
-        for a, b in zip([0, *bounds.tolist()], [*bounds.tolist(), len(order)]):
-            k = int(ordered_shards[a])
-            while a < b:
-                j = int(np.searchsorted(cum, cum[a] + limit, side="right")) - 1
-                j = min(max(j, a + 1), b)
-                block = shardrecord.encode_block(klen[a:j], nsamples[a:j], ts[smp[a]:smp[j]],
-                                                 vbits[smp[a]:smp[j]], keys[kcum[a]:kcum[j]])
-                parts.append(_Part(k, shardrecord.encode_record(now_ms, block), msg_id(block, self._names[k]),
-                                   j - a, int(smp[j] - smp[a]), len(block)))
-                a = j
+        for k, a, b, n_series, n_samples in blocks.tolist():
+            block = buf[a:b]
+            parts.append(_Part(k, shardrecord.encode_record(now_ms, block), msg_id(block, self._names[k]),
+                               n_series, n_samples, b - a))
         return parts
 
     # ---- publishing --------------------------------------------------------

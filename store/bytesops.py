@@ -107,6 +107,7 @@ def bytes_equal(a, ao, an, b, bo, bn):
 
 _ONES = np.uint64(0x0101010101010101)
 _HIGHS = np.uint64(0x8080808080808080)
+_LOWS = np.uint64(0x7F7F7F7F7F7F7F7F)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -135,6 +136,26 @@ def any_ff(a, off, n):
         i += 8
     while i < n:
         if a[off + i] == 0xFF:
+            return True
+        i += 1
+    return False
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def any_high_but_ff(a, off, n):
+    """Whether a[off:off+n] holds a byte >= 0x80 other than 0xff (eight bytes at a time): a
+    non-ASCII byte in a canonical key, whose separators are 0xff."""
+    i = 0
+    while i + 8 <= n:
+        w = load_u64le(a, off + i)
+        x = ~w  # 0xff bytes of w are the zero bytes of x; exactly those get their high bit in ff:
+        ff = ~(((x & _LOWS) + _LOWS) | x) & _HIGHS
+        if w & _HIGHS & ~ff:
+            return True
+        i += 8
+    while i < n:
+        c = a[off + i]
+        if 0x80 <= c < 0xFF:
             return True
         i += 1
     return False

@@ -530,6 +530,21 @@ def test_columns_records_append_exactly_as_the_protobuf_parts():
         assert head_dump(hc_) == head_dump(hp_) and head_dump(hc_)
 
 
+def test_columns_blocks_are_the_reference_encoding_of_each_shards_series():
+    h, logs, _ = make_handler(3, record_format="columns")
+    body = prompb_ref.write_request([([("__name__", f"m{i % 7}"), ("i", str(i)), ("job", "j")],
+                                      [(T0 + 1000 * j, float(i * j)) for j in range(i % 4)]) for i in range(300)])
+    assert post(h, body).status == 204
+    req = writerequest.decode(body)
+    for k, lg in enumerate(logs):
+        (mid, rec), = lg.records
+        assert shardrecord.is_columns(rec)
+        mine = np.flatnonzero([topology(3).shard_index(series_id(req.key(i))) == k for i in range(req.num_series)])
+        expected = shardrecord.encode_series(req, mine)  # the series of shard k, in request order
+        assert bytes(cramjam.snappy.decompress_raw(rec[9:]).read()) == expected
+        assert mid == msg_id(expected, f"shard-{k}")
+
+
 def test_columns_records_are_smaller_than_max_part_bytes_and_retries_keep_their_ids():
     clock = [NOW_S]
     h, logs, _ = make_handler(2, record_format="columns", max_part_bytes=3000, now=lambda: clock[0])

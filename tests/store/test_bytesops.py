@@ -3,7 +3,7 @@
 import numba
 import numpy as np
 
-from store.bytesops import any_ff, any_non_ascii, bytes_equal, load_u32le, load_u64le, memcmp, memcpy
+from store.bytesops import any_ff, any_high_but_ff, any_non_ascii, bytes_equal, load_u32le, load_u64le, memcmp, memcpy
 
 
 @numba.njit
@@ -66,15 +66,16 @@ def test_unaligned_loads_read_little_endian_words():
 
 @numba.njit
 def _scans(a, off, n):
-    return any_non_ascii(a, off, n), any_ff(a, off, n)
+    return any_non_ascii(a, off, n), any_ff(a, off, n), any_high_but_ff(a, off, n)
 
 
 def test_word_scans_find_high_and_0xff_bytes_anywhere():
     rng = np.random.default_rng(11)
     for _ in range(3000):
         a = rng.integers(0, 0x80, 48, dtype=np.uint8)
-        for _ in range(int(rng.integers(0, 3))):  # maybe a high byte or a 0xff, anywhere
-            a[rng.integers(0, 48)] = rng.choice([0x80, 0xC3, 0xFE, 0xFF])
+        for _ in range(int(rng.integers(0, 4))):  # maybe high bytes or 0xff, anywhere, next to each other too
+            a[rng.integers(0, 48)] = rng.choice([0x80, 0xC3, 0xFE, 0xFF, 0xFF])
         off, n = int(rng.integers(0, 20)), int(rng.integers(0, 28))
         part = a[off:off + n].tobytes()
-        assert _scans(a, off, n) == (any(b >= 0x80 for b in part), 0xFF in part)
+        assert _scans(a, off, n) == (any(b >= 0x80 for b in part), 0xFF in part,
+                                     any(0x80 <= b < 0xFF for b in part))
