@@ -100,6 +100,24 @@ def test_garbage_never_crashes(data):
     assert req.num_samples <= len(data)
 
 
+@pytest.mark.parametrize("series", [
+    pytest.param([([("a", "b")], [(1, 1.0)])] * 3000, id="series-under-32-bytes"),
+    pytest.param([([(c, "") for c in "abcdefghijkl"], [(1, 1.0)])] * 500, id="labels-under-8-bytes"),
+    pytest.param([([("__name__", "up")], [(1000 + i, 1.0) for i in range(4000)])], id="many-samples"),
+    pytest.param([([("__name__", "up"), ("instance", f"host-{i}")], [(1700000000000, float(i))])
+                  for i in range(3000)], id="typical"),
+])
+def test_requests_of_any_density_decode_whole(series):
+    req = decode(prompb_ref.write_request(series))
+    assert req.num_series == len(series) and req.num_samples == sum(len(s) for _, s in series)
+    k = 0
+    for i, (pairs, samples) in enumerate(series):
+        assert req.label_pairs(i) == [(n.encode(), v.encode()) for n, v in pairs]
+        for t, v in samples:
+            assert (req.ts[k], req.vbits[k], req.sample_series[k]) == (t, struct.unpack("<Q", struct.pack("<d", v))[0], i)
+            k += 1
+
+
 def test_densely_packed_request_decodes_after_growing_buffers():
     # Default-valued samples encode as two bytes each, far below the typical size the first pass assumes.
     body = prompb_ref.write_request([([("__name__", "x")], [(0, 0.0)] * 5000)] + [([("a", "")], [])] * 3000)
