@@ -50,6 +50,21 @@ deliveries) and fetching with 1 s waits, cheaper label checks in the adapter:
     whole dump (load 1.1)        1.91  1.65        2.27   5.84    303 192            794 714  1.51  0.38
     whole dump (load 4.5)        1.95  1.39        2.05   5.40    323 911            949 949  1.30  0.34
 
+Session of 2026-11-30 (fifth): replicas pull records themselves (one request per fetch), the
+adapter publishes without a task per publish, builds its columns blocks in one kernel and checks
+labels on the canonical key, requests decode without page faults. Whole dump, alternating runs
+of the commit before (c17810c, "old") and after (996c79d, "new"), load 1.8-6.4:
+
+    run                       adapter  NATS  9 replicas  total  samples/s  single: samples/s  CPU  ratio
+    old                          1.67  1.60        2.16   5.44    307 135            837 278  1.43  0.367
+    old                          1.63  1.26        2.06   4.96    360 002            966 280  1.26  0.373
+    old                          1.67  1.08        1.71   4.46    396 785          1 091 485  1.15  0.364
+    old                          1.64  1.08        1.73   4.46    397 532          1 042 794  1.19  0.381
+    new                          1.55  1.16        1.55   4.27    414 904          1 048 571  1.18  0.396
+    new                          1.44  1.12        1.56   4.12    430 943          1 078 565  1.15  0.400
+    new                          1.40  1.06        1.50   3.97    441 047          1 092 252  1.15  0.404
+    new                          1.62  1.21        1.72   4.56    385 075            997 068  1.24  0.386
+
 The single node gained more than the cluster (the kernels made faster are a larger share of
 its CPU), so the ratio fell while both got faster. On a whole dump the cluster needs about 4.8
 CPU seconds per million samples and is CPU-bound on the two cores (16 processes and the load

@@ -9,9 +9,16 @@ exist), once at ``--rate`` records per second (190/s is what each replica receiv
 cluster benchmark) and once all at once into a fresh cluster, and prints the replica process's
 CPU microseconds per sample for both, until it applied everything (``/proc/<pid>/stat``).
 
-Measured on the 2-core box, 30 rounds (0.97 M samples): live 0.66-0.70 us per sample, catch-up 0.41-0.42.
-The difference is per fetch and per wake-up of the replica's NATS client (nats-py on asyncio)
-and the idle work of its threads over the longer run (an idle replica uses ~0.01-0.04 cores).
+Measured on the 2-core box, 30 rounds (0.97 M samples): live 0.66-0.70 us per sample, catch-up 0.41-0.42
+(session of 2026-11-30, fourth). With the consumer pulling records itself (``store.natslog._Reader``,
+one request per fetch instead of nats-py's two and an ``asyncio.wait_for`` per message), in
+alternating runs on a quiet machine: before 0.47 and 0.42 live, 0.25 and 0.35 catch-up; after
+0.42 live, 0.27 catch-up (two earlier runs, 0.55-0.60 against 0.77-0.80, were not alternated and
+flattered the change; in the 3x3 benchmark, alternating, the replicas' CPU fell from 2.06-2.16 to
+1.76-1.77 s per million samples). Most of the rest is the memory the head touches per sample:
+the same records applied in one tight loop in-process cost 0.21-0.25 us per sample, 0.36-0.56
+when applied in batches with pauses in between, or with 5 ms of other Python work between
+records (the head's per-series state falls out of the caches meanwhile).
 """
 
 from __future__ import annotations
