@@ -52,8 +52,9 @@ deliveries) and fetching with 1 s waits, cheaper label checks in the adapter:
 
 Session of 2026-11-30 (fifth): replicas pull records themselves (one request per fetch), the
 adapter publishes without a task per publish, builds its columns blocks in one kernel and checks
-labels on the canonical key, requests decode without page faults. Whole dump, alternating runs
-of the commit before (c17810c, "old") and after (996c79d, "new"), load 1.8-6.4:
+labels on the canonical key, requests decode without page faults. Whole dump, the commit before
+(c17810c, "old") and after (996c79d, "new"), load 0.7-6.4, in this order: old, 2377e5f (the
+first two changes: 4.71), old, 2377e5f (4.74); new, 2377e5f (4.24), new; old, new, old, new:
 
     run                       adapter  NATS  9 replicas  total  samples/s  single: samples/s  CPU  ratio
     old                          1.67  1.60        2.16   5.44    307 135            837 278  1.43  0.367
@@ -65,8 +66,11 @@ of the commit before (c17810c, "old") and after (996c79d, "new"), load 1.8-6.4:
     new                          1.40  1.06        1.50   3.97    441 047          1 092 252  1.15  0.404
     new                          1.62  1.21        1.72   4.56    385 075            997 068  1.24  0.386
 
-The single node gained more than the cluster (the kernels made faster are a larger share of
-its CPU), so the ratio fell while both got faster. On a whole dump the cluster needs about 4.8
+On average 4.83 -> 4.23 CPU seconds per million samples and a ratio of 0.371 -> 0.397; runs
+swing by +-0.3 with the machine's load, so single pairs say little.
+
+In the fourth session the single node gained more than the cluster (the kernels made faster are
+a larger share of its CPU), so the ratio fell while both got faster. On a whole dump the cluster needs about 4.8
 CPU seconds per million samples and is CPU-bound on the two cores (16 processes and the load
 generator); the single node, at 1.1-1.5, is bound by the latency of two connections. For 0.5
 the cluster would need ~3.2, i.e. about two thirds of what the three replicas, the R3 log and
