@@ -474,3 +474,61 @@ def test_kill_9_replicas_nats_servers_and_adapter_under_load_in_rounds(cluster):
         assert answers[0], f"{shard}: no series"
         assert answers[0] == answers[1] == answers[2], f"{shard}: the replicas answer differently"
     assert os.path.exists(cluster.topology_path)
+
+
+def _stream_state(c, stream: str):
+    from store.natslog import NatsLog
+
+    lg = NatsLog(c.nats.urls, stream, replicas=c.topology.stream_replicas)
+    try:
+        return lg.state()
+    finally:
+        lg.close()
+
+
+def _metric(http: str, name: str) -> float:
+    with urllib.request.urlopen(f"http://{http}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} not in the /metrics of {http}")
+
+
+def test_a_replica_that_lost_its_disk_starts_from_a_peers_checkpoint(tmp_path):
+    """The stream was purged below what a replica needs (its peers checkpointed after it
+    stopped); its directory is lost too. Restarted empty, the ``flashback store`` process loads a
+    peer's checkpoint over gRPC and answers like its peers."""
+    import shutil
+
+    from flashback.launcher import LocalCluster
+
+    c = LocalCluster(str(tmp_path / "c"), shards=1, replicas=3)
+    c.start(timeout=180)
+    try:
+        shard = c.topology.shards[0]
+        procs = {r.name: c.processes[f"store-{shard.name}-{r.name}"] for r in shard.replicas}
+        t0 = (int(time.time()) - 1800) * 1000
+        assert remote_write(_adapter_port(c), _batch(t0, 40))[0] == 204
+        wait_until(lambda: all(r["lag"] == 0 and r["applied_seq"] > 0 for r in _status(_querier_port(c))[0]["replicas"]),
+                   30, "the replicas to apply the first batch")
+        procs["r2"].stop()  # checkpoints where it is: the stream can be purged up to there only
+        assert remote_write(_adapter_port(c), _batch(t0 + 40 * 15_000, 40))[0] == 204
+        wait_until(lambda: all(r["lag"] == 0 for r in _status(_querier_port(c))[0]["replicas"]
+                               if r["name"] != "r2"), 30, "r0 and r1 to apply the second batch")
+        for name in ("r0", "r1"):  # their final checkpoints purge what every replica has checkpointed
+            procs[name].stop()
+        state = _stream_state(c, shard.stream)
+        assert 1 < state.first_seq <= state.last_seq  # r2 checkpointed before the second batch
+        for name in ("r0", "r1"):
+            procs[name].start()
+        c.wait_ready(120, [f"store-{shard.name}-r0", f"store-{shard.name}-r1"])
+        shutil.rmtree(os.path.join(c.directory, f"store-{shard.name}-r2"))
+        procs["r2"].start()
+        c.wait_ready(120, [f"store-{shard.name}-r2"])
+        assert _metric(procs["r2"].http, "flashback_replica_bootstraps_total") == 1
+        assert "bootstrapped from a peer's checkpoint" in procs["r2"].log(20000)
+        answers = _replica_answers(c, shard.name)
+        assert answers[0] and answers[0] == answers[1] == answers[2]
+        assert len(answers[0][0][1]) == 80  # both batches, on the restarted replica too
+    finally:
+        c.stop()
