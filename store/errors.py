@@ -140,7 +140,7 @@ class CheckpointMismatch(WALError):
     """A head replica's local checkpoint does not fit its log: it was taken from another stream,
     or it covers sequences the stream does not have (the stream was deleted and created again,
     or lost acknowledged records). Applying the stream on top of it would corrupt the head; the
-    replica needs a fresh data directory and a peer's checkpoint."""
+    replica needs a fresh data directory, and then starts from a peer's checkpoint."""
 
 
 class ReplicaError(StorageError):

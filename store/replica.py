@@ -399,7 +399,8 @@ class HeadReplica:
             raise CheckpointMismatch(
                 f"replica {self.name} checkpointed stream {self.stream} at sequence {seq}, but the stream ends at "
                 f"{state.last_seq}: the stream was deleted and created again or lost records. Move {self.data_dir} "
-                f"away; the replica then needs a peer's checkpoint, or a stream that still starts at 1")
+                f"away: the replica then starts from a peer's checkpoint (asked for on start), or from the stream if it "
+                f"still starts at 1")
         self._consumer = self._open_consumer(seq)
         # Recording the checkpoint now (even 0 for a new replica) keeps peers from purging
         # records this replica still needs.
