@@ -100,7 +100,7 @@ def _status_route(router: Router, shards, pool: ThreadPoolExecutor) -> None:
 def cmd_store(args: argparse.Namespace) -> int:
     from store.head import HeadOptions
     from store.headrpc import HeadService, peer_checkpoint
-    from store.errors import LogUnavailable
+    from store.errors import LogUnavailable, ReplicaUnavailable
     from store import warmup
     from store.replica import HeadReplica
 
@@ -120,7 +120,7 @@ def cmd_store(args: argparse.Namespace) -> int:
                                   checkpoint_interval_s=args.checkpoint_interval_s, registry=registry,
                                   peer_checkpoint=lambda need: peer_checkpoint(peers, need))
             break
-        except (LogUnavailable, TimeoutError, OSError) as e:
+        except (LogUnavailable, ReplicaUnavailable, TimeoutError, OSError) as e:  # a peer lost mid-checkpoint too
             if time.monotonic() > deadline:
                 raise
             log.warning("log not reachable yet, retrying", extra={"err": f"{type(e).__name__}: {e}"})

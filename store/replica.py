@@ -442,8 +442,9 @@ class HeadReplica:
 
     def _head_items(self, seq: int, items: Iterable[tuple[bytes, bytes]], keep_meta: bool = False,
                     where: str = "") -> Iterator[tuple[bytes, bytes]]:
-        """The head's items of a checkpoint, after checking its meta item names this stream; the
-        meta item goes to ``self._meta``."""
+        """The head's items of a checkpoint, after checking its meta item names this stream (in
+        ``where``'s words); the meta item goes to ``self._meta``, or with ``keep_meta`` is passed on
+        with the others (a peer's checkpoint being saved as this replica's)."""
         where = where or f"checkpoint in {self.data_dir}"
         seen_meta = False
         for key, value in items:
