@@ -134,84 +134,6 @@ def _suspects(buf, series, labels, keys, metric, legacy, out):
         out[s] = bad or not seen
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
-def _put_u32(buf, p, x):
-    buf[p] = x & 0xFF
-    buf[p + 1] = (x >> 8) & 0xFF
-    buf[p + 2] = (x >> 16) & 0xFF
-    buf[p + 3] = (x >> 24) & 0xFF
-
-
-@numba.njit(cache=True, nogil=True)
-def _columns_blocks(series, keys, ts_bytes, vbits_bytes, shard, idx, n_shards, limit):
-    """The columns blocks (``store.shardrecord``) of the series ``idx``, shard after shard and in
-    request order within a shard, cut so that no block's body (past its 16-byte header) exceeds
-    ``limit`` bytes unless one series does: ``(buf, blocks)``, the blocks back to back in ``buf``
-    and per block ``(shard, start, end, series, samples)``. ``ts_bytes``/``vbits_bytes`` are the
-    request's timestamps and value bits as bytes; a series' samples are contiguous there."""
-    n = idx.shape[0]
-    first = np.zeros(n_shards + 1, dtype=np.int64)  # counting sort by shard, stable
-    for j in range(n):
-        first[shard[idx[j]] + 1] += 1
-    for k in range(n_shards):
-        first[k + 1] += first[k]
-    order = np.empty(n, dtype=np.int64)
-    fill = first[:-1].copy()
-    for j in range(n):
-        i = idx[j]
-        order[fill[shard[i]]] = i
-        fill[shard[i]] += 1
-    blocks = np.empty((n, 5), dtype=np.int64)  # shard, first and end position in order, samples, key bytes
-    nb = 0
-    total = 0
-    for k in range(n_shards):
-        a, end = first[k], first[k + 1]
-        while a < end:
-            b, size, samples, key_bytes = a, 0, 0, 0
-            while b < end:
-                i = order[b]
-                kl, ns = series[i, S_KEY_LEN], series[i, S_SMP_N]
-                s = 8 + kl + 16 * ns
-                if b > a and size + s > limit:
-                    break
-                size += s
-                samples += ns
-                key_bytes += kl
-                b += 1
-            blocks[nb, 0], blocks[nb, 1], blocks[nb, 2], blocks[nb, 3], blocks[nb, 4] = k, a, b, samples, key_bytes
-            nb += 1
-            total += 16 + size
-            a = b
-    buf = np.empty(total, dtype=np.uint8)
-    out = np.empty((nb, 5), dtype=np.int64)
-    p = 0
-    for bi in range(nb):
-        k, a, b, samples, key_bytes = blocks[bi, 0], blocks[bi, 1], blocks[bi, 2], blocks[bi, 3], blocks[bi, 4]
-        start = p
-        _put_u32(buf, p, b - a)
-        _put_u32(buf, p + 4, samples)
-        _put_u32(buf, p + 8, key_bytes)
-        _put_u32(buf, p + 12, 0)
-        p += 16
-        for j in range(a, b):
-            _put_u32(buf, p, series[order[j], S_KEY_LEN])
-            p += 4
-        for j in range(a, b):
-            _put_u32(buf, p, series[order[j], S_SMP_N])
-            p += 4
-        for src in (ts_bytes, vbits_bytes):
-            for j in range(a, b):
-                nbytes = 8 * series[order[j], S_SMP_N]
-                memcpy(buf, p, src, 8 * series[order[j], S_SMP_START], nbytes)
-                p += nbytes
-        for j in range(a, b):
-            i = order[j]
-            memcpy(buf, p, keys, series[i, S_KEY_OFF], series[i, S_KEY_LEN])
-            p += series[i, S_KEY_LEN]
-        out[bi, 0], out[bi, 1], out[bi, 2], out[bi, 3], out[bi, 4] = k, start, p, b - a, samples
-    return buf, out
-
-
 @numba.njit(cache=True, nogil=True)
 def _gather(buf, starts, ends, order, out):
     """Copies ``buf[starts[i]:ends[i]]`` for each ``i`` in ``order`` back to back into ``out``."""
@@ -404,8 +326,8 @@ class ShardedWriteHandler:
                        now_ms: int) -> list[_Part]:
         """``split`` into columns records (``store.shardrecord``): the series ``idx`` by shard (in
         request order within a shard), cut so that no block exceeds ``max_part_bytes``."""
-        buf, blocks = _columns_blocks(req.series, req.keys, req.ts.view(np.uint8), req.vbits.view(np.uint8),
-                                      shard, idx, len(self._logs), self.max_part_bytes - shardrecord.block_size(0, 0, 0))
+        buf, blocks = shardrecord.encode_blocks(req, shard, idx, len(self._logs),
+                                                self.max_part_bytes - shardrecord.block_size(0, 0, 0))
         parts = []
         for k, a, b, n_series, n_samples in blocks.tolist():
             block = buf[a:b]

@@ -30,6 +30,7 @@ import cramjam
 import numba
 import numpy as np
 
+from store.bytesops import memcpy
 from store.errors import DecodeError
 from store.xxhash64 import xxh64
 from store.writerequest import SERIES_COLUMNS, S_KEY_LEN, S_KEY_OFF, S_SMP_N, S_SMP_START, WriteRequest
@@ -37,6 +38,7 @@ from store.writerequest import SERIES_COLUMNS, S_KEY_LEN, S_KEY_OFF, S_SMP_N, S_
 RECORD_COLUMNS = 2
 _RECORD = struct.Struct("<Bq")
 _BLOCK = struct.Struct("<IIII")
+_HEADER = _BLOCK.size
 
 
 def encode_block(key_len: np.ndarray, samples: np.ndarray, ts: np.ndarray, vbits: np.ndarray,
@@ -60,6 +62,93 @@ def encode_series(req: WriteRequest, series: np.ndarray | None = None) -> bytes:
     np.cumsum(n, out=starts[1:])
     idx = np.repeat(first - starts[:-1], n) + np.arange(int(starts[-1]), dtype=np.int64)
     return encode_block(key_len, n, req.ts[idx], req.vbits[idx], keys)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _put_u32(buf, p, x):
+    buf[p] = x & 0xFF
+    buf[p + 1] = (x >> 8) & 0xFF
+    buf[p + 2] = (x >> 16) & 0xFF
+    buf[p + 3] = (x >> 24) & 0xFF
+
+
+@numba.njit(cache=True, nogil=True)
+def _blocks(series, keys, ts_bytes, vbits_bytes, shard, idx, n_shards, limit):
+    """See ``encode_blocks``; ``ts_bytes``/``vbits_bytes`` are the request's timestamps and value
+    bits as bytes (a series' samples are contiguous there)."""
+    n = idx.shape[0]
+    first = np.zeros(n_shards + 1, dtype=np.int64)  # counting sort by shard, stable
+    for j in range(n):
+        first[shard[idx[j]] + 1] += 1
+    for k in range(n_shards):
+        first[k + 1] += first[k]
+    order = np.empty(n, dtype=np.int64)
+    fill = first[:-1].copy()
+    for j in range(n):
+        i = idx[j]
+        order[fill[shard[i]]] = i
+        fill[shard[i]] += 1
+    blocks = np.empty((n, 5), dtype=np.int64)  # shard, first and end position in order, samples, key bytes
+    nb = 0
+    total = 0
+    for k in range(n_shards):
+        a, end = first[k], first[k + 1]
+        while a < end:
+            b, size, samples, key_bytes = a, 0, 0, 0
+            while b < end:
+                i = order[b]
+                kl, ns = series[i, S_KEY_LEN], series[i, S_SMP_N]
+                s = 8 + kl + 16 * ns
+                if b > a and size + s > limit:
+                    break
+                size += s
+                samples += ns
+                key_bytes += kl
+                b += 1
+            blocks[nb, 0], blocks[nb, 1], blocks[nb, 2], blocks[nb, 3], blocks[nb, 4] = k, a, b, samples, key_bytes
+            nb += 1
+            total += _HEADER + size
+            a = b
+    buf = np.empty(total, dtype=np.uint8)
+    out = np.empty((nb, 5), dtype=np.int64)
+    p = 0
+    for bi in range(nb):
+        k, a, b, samples, key_bytes = blocks[bi, 0], blocks[bi, 1], blocks[bi, 2], blocks[bi, 3], blocks[bi, 4]
+        start = p
+        _put_u32(buf, p, b - a)
+        _put_u32(buf, p + 4, samples)
+        _put_u32(buf, p + 8, key_bytes)
+        _put_u32(buf, p + 12, 0)
+        p += _HEADER
+        for j in range(a, b):
+            _put_u32(buf, p, series[order[j], S_KEY_LEN])
+            p += 4
+        for j in range(a, b):
+            _put_u32(buf, p, series[order[j], S_SMP_N])
+            p += 4
+        for src in (ts_bytes, vbits_bytes):
+            for j in range(a, b):
+                nbytes = 8 * series[order[j], S_SMP_N]
+                memcpy(buf, p, src, 8 * series[order[j], S_SMP_START], nbytes)
+                p += nbytes
+        for j in range(a, b):
+            i = order[j]
+            memcpy(buf, p, keys, series[i, S_KEY_OFF], series[i, S_KEY_LEN])
+            p += series[i, S_KEY_LEN]
+        out[bi, 0], out[bi, 1], out[bi, 2], out[bi, 3], out[bi, 4] = k, start, p, b - a, samples
+    return buf, out
+
+
+def encode_blocks(req: WriteRequest, shard: np.ndarray, idx: np.ndarray, n_shards: int,
+                  limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """The blocks of the series ``idx`` of ``req`` (whose keys must be canonical) by shard
+    (``shard[i]`` in ``0..n_shards-1`` for series ``i``), shard after shard and in request order
+    within a shard, cut so that no block's body (past its header) exceeds ``limit`` bytes unless
+    one series does: ``(buf, blocks)``, the blocks back to back in ``buf`` (uint8) and per block
+    a row ``(shard, start, end, series, samples)``. One compiled pass (the adapter's write path);
+    each block equals ``encode_block`` of its series."""
+    return _blocks(req.series, req.keys, req.ts.view(np.uint8), req.vbits.view(np.uint8), shard, idx, n_shards,
+                   limit)
 
 
 def block_size(n_series: int, n_samples: int, keys_len: int) -> int:

@@ -53,12 +53,12 @@ ADAPTER = r"""
 import json, sys
 import numba
 from adapter import sharded_write
-from store import writerequest
+from store import shardrecord, writerequest
 from store.head import AppendResult
 from store.topology import Replica, Shard, Topology
 
 def signatures():
-    return {f"{mod.__name__}.{name}": len(obj.signatures) for mod in (sharded_write, writerequest)
+    return {f"{mod.__name__}.{name}": len(obj.signatures) for mod in (sharded_write, shardrecord, writerequest)
             for name, obj in vars(mod).items() if isinstance(obj, numba.core.registry.CPUDispatcher)}
 
 topology = Topology(("nats://127.0.0.1:4222",), tuple(
