@@ -184,15 +184,17 @@ def main() -> int:
         single = Process("single", ["up", "--listen", http, "--data-dir", os.path.join(work, "single")], http,
                          os.path.join(work, "single.log"))
         single.start()
-        while not single.ready():
-            if single.proc.poll() is not None:
-                raise SystemExit(f"single node exited with {single.proc.returncode}: {single.log()}")
-            time.sleep(0.2)
-        load_before = _loadavg()
-        cpu0 = _cpu_s(single.proc.pid)
-        one = _replay(f"http://{http}/api/v1/write", dump, args.concurrency)
-        one_cpu = round((_cpu_s(single.proc.pid) - cpu0) * 1e6 / one["samples_accepted"], 2)
-        single.stop()
+        try:  # the single node must not outlive a failed replay (it would load the next runs)
+            while not single.ready():
+                if single.proc.poll() is not None:
+                    raise SystemExit(f"single node exited with {single.proc.returncode}: {single.log()}")
+                time.sleep(0.2)
+            load_before = _loadavg()
+            cpu0 = _cpu_s(single.proc.pid)
+            one = _replay(f"http://{http}/api/v1/write", dump, args.concurrency)
+            one_cpu = round((_cpu_s(single.proc.pid) - cpu0) * 1e6 / one["samples_accepted"], 2)
+        finally:
+            single.stop()
 
         cluster = LocalCluster(os.path.join(work, "cluster"), shards=args.shards, replicas=args.replicas)
         cluster.start(timeout=300)
