@@ -14,9 +14,10 @@ remote-write bodies, ~2000 series of one sample each) in this process, one core,
 ``--pause-every N --pause-s S`` measures ``columns`` of the known series once more in one loop
 (``columns_known``) and with a sleep of S seconds after every N records (``columns_paused``), as
 a head replica lingers between fetches: only the decoding and appending are timed (thread CPU
-time), so the difference is what the pauses cost the work itself (caches and TLB refilled after
-others ran). On the 2-core box, 30 rounds: 0.21-0.25 us per sample in one loop, 0.36-0.56 with
-48 records per 0.25 s.
+time, also apart), so the difference is what the pauses cost the work itself (caches and TLB
+refilled after others ran). On the 2-core box, 30 rounds: 0.21-0.25 us per sample in one loop,
+0.36-0.59 with 48 records per 0.25 s; decoding and appending slow down alike (0.09 -> 0.15 and
+0.12-0.14 -> 0.25).
 
 The best of ``--repeat`` runs is printed (numbers from a busy machine swing; the best is the
 steadiest). Timings are process CPU time.
@@ -94,26 +95,29 @@ def run(bodies: list[bytes], first_round: int) -> dict[str, float]:
             "columns_us_per_sample": t_columns * 1e6 / max(sum(r.num_samples for r in decoded), 1)}
 
 
-def columns_paused(bodies: list[bytes], first_round: int, every: int, pause_s: float) -> float:
+def columns_paused(bodies: list[bytes], first_round: int, every: int, pause_s: float) -> tuple[float, float]:
     """``columns`` after the first round (known series) with a pause of ``pause_s`` after every
     ``every`` records (none if ``every`` <= 0): us of thread CPU time per sample of the decoding
-    and appending alone."""
+    and of the appending alone."""
     reqs = [writerequest.decode(b) for b in bodies]
     now = max(int(r.ts.max()) for r in reqs if r.num_samples)
     records = columns_records(reqs, 3, now)
     head = Head(HeadOptions())
     for r in records[:first_round]:
         head.append(shardrecord.decode_record(r)[1], now)
-    cpu, samples = 0.0, 0
+    decode = append = 0.0
+    samples = 0
     for i, r in enumerate(records[first_round:]):
-        t = time.thread_time()
+        t0 = time.thread_time()
         now_ms, req = shardrecord.decode_record(r)
+        t1 = time.thread_time()
         head.append(req, now_ms)
-        cpu += time.thread_time() - t
+        decode += t1 - t0
+        append += time.thread_time() - t1
         samples += req.num_samples
         if every > 0 and i % every == every - 1:
             time.sleep(pause_s)
-    return cpu * 1e6 / max(samples, 1)
+    return decode * 1e6 / max(samples, 1), append * 1e6 / max(samples, 1)
 
 
 def main() -> None:
@@ -130,9 +134,11 @@ def main() -> None:
     runs = [run(bodies, meta["chunks_per_round"]) for _ in range(args.repeat)]
     best = {k: round(min(r[k] for r in runs), 3) for k in runs[0]}
     if args.pause_every > 0:
-        for key, every in (("columns_known_us_per_sample", 0), ("columns_paused_us_per_sample", args.pause_every)):
-            best[key] = round(min(columns_paused(bodies, meta["chunks_per_round"], every, args.pause_s)
-                                  for _ in range(args.repeat)), 3)
+        for key, every in (("columns_known", 0), ("columns_paused", args.pause_every)):
+            d, a = min((columns_paused(bodies, meta["chunks_per_round"], every, args.pause_s)
+                        for _ in range(args.repeat)), key=sum)
+            best.update({f"{key}_us_per_sample": round(d + a, 3), f"{key}_decode_us_per_sample": round(d, 3),
+                         f"{key}_append_us_per_sample": round(a, 3)})
     print(json.dumps({"requests": len(bodies), "series": meta["series"], **best}))
 
 
