@@ -302,8 +302,7 @@ def decode_string_batch(data: bytes) -> list[str]:
     return out
 
 
-_CHECKPOINT = struct.Struct("<BBQI")  # version, last flag, checkpoint sequence, item count
-_CHECKPOINT_BODY = struct.Struct("<BQI")  # the same after the version byte
+_CHECKPOINT = struct.Struct("<BQI")  # after the version byte: last flag, checkpoint sequence, item count
 
 
 def encode_checkpoint_batches(seq: int, items: Iterable[tuple[bytes, bytes]], *,
@@ -317,15 +316,15 @@ def encode_checkpoint_batches(seq: int, items: Iterable[tuple[bytes, bytes]], *,
         count += 1
         size += 8 + len(key) + len(value)
         if size >= batch_bytes:
-            yield _CHECKPOINT.pack(VERSION, 0, seq, count) + b"".join(parts)
+            yield b"".join((_U8.pack(VERSION), _CHECKPOINT.pack(0, seq, count), *parts))
             parts, count, size = [], 0, 0
-    yield _CHECKPOINT.pack(VERSION, 1, seq, count) + b"".join(parts)
+    yield b"".join((_U8.pack(VERSION), _CHECKPOINT.pack(1, seq, count), *parts))
 
 
 def decode_checkpoint_batch(data: bytes) -> tuple[int, bool, list[tuple[bytes, bytes]]]:
     """``(seq, last, items)`` of a ``CheckpointBatch``."""
     r = _Reader(data, "checkpoint batch")  # checks the version
-    last, seq, count = r.unpack(_CHECKPOINT_BODY)
+    last, seq, count = r.unpack(_CHECKPOINT)
     if last > 1:
         raise DecodeError(f"checkpoint batch: last flag {last}")
     items = [(r.blob(), r.blob()) for _ in range(count)]

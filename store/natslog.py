@@ -808,21 +808,23 @@ class _Reader:
         self._ended = False
         self._client._loop.call_soon_threadsafe(self._publish_soon, payload)
 
-    def _wait(self, done: Callable[[], bool], deadline: float) -> bool:
-        """Under ``_cond``: waits until ``done()``, an error or ``deadline``; whether done."""
+    def _wait(self, done: Callable[[], bool], deadline: float) -> None:
+        """Under ``_cond``: waits until ``done()``, an error or ``deadline``."""
         while self._error is None and not done():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return False
+                return
             self._cond.wait(remaining)
-        return self._error is None
+
+    def _recreate_now(self) -> None:
+        self._client.run(self._create(), self._timeout_s + 2, f"recreate consumer of stream {self.stream}")
+        self._recreate = False
 
     def fetch(self, max_records: int, timeout_s: float) -> list[tuple[int, bytes]]:
         if max_records < 1:
             raise ValueError("max_records must be positive")
         if self._recreate:
-            self._client.run(self._create(), self._timeout_s + 2, f"recreate consumer of stream {self.stream}")
-            self._recreate = False
+            self._recreate_now()
         deadline = time.monotonic() + timeout_s
         with self._cond:
             if not self._buf and self._error is None:
@@ -858,9 +860,7 @@ class _Reader:
                                                         "seq": self.next_seq})
             self._recreate = True
             if not out:
-                self._client.run(self._create(), self._timeout_s + 2,
-                                 f"recreate consumer of stream {self.stream}")
-                self._recreate = False
+                self._recreate_now()
         return out
 
     def delete_quietly(self) -> None:

@@ -563,27 +563,28 @@ def test_checkpoint_failing_on_the_server_fails_the_client(head):
             list(items)
 
 
-def test_checkpoint_stream_without_its_last_message_is_refused():
+@pytest.mark.parametrize("messages,error", [
+    ([next(headrpc.encode_checkpoint_batches(42, CHECKPOINT_ITEMS, batch_bytes=10))], "before its last message"),
+    ([next(headrpc.encode_checkpoint_batches(42, CHECKPOINT_ITEMS, batch_bytes=10)), b"\x01\x00" +
+      struct.pack("<QI", 43, 0)], "sequence 43 after 42"),
+    ([*headrpc.encode_checkpoint_batches(42, CHECKPOINT_ITEMS[:2]), b"\x01\x01" + struct.pack("<QI", 42, 0)],
+     "messages after the last"),
+], ids=["cut", "two-sequences", "after-the-last"])
+def test_checkpoint_stream_that_breaks_the_protocol_is_refused(messages, error):
     import grpc
 
-    def handler(request, context):
-        yield next(headrpc.encode_checkpoint_batches(42, CHECKPOINT_ITEMS, batch_bytes=10))  # not the last
-        yield b"\x01\x00" + struct.pack("<QI", 43, 0)  # another sequence
-
-    for stop in (1, 2):
-        server = grpc.server(ThreadPoolExecutor(2), handlers=[grpc.method_handlers_generic_handler(
-            headrpc.SERVICE, {"Checkpoint": grpc.unary_stream_rpc_method_handler(
-                lambda r, c, stop=stop: (m for i, m in enumerate(handler(r, c)) if i < stop))})])
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        try:
-            with RemoteHead(f"127.0.0.1:{port}", timeout_s=5) as client:
-                seq, items = client.checkpoint()
-                assert seq == 42
-                with pytest.raises(DecodeError, match="before its last message" if stop == 1 else "sequence 43"):
-                    list(items)
-        finally:
-            server.stop(None)
+    server = grpc.server(ThreadPoolExecutor(2), handlers=[grpc.method_handlers_generic_handler(
+        headrpc.SERVICE, {"Checkpoint": grpc.unary_stream_rpc_method_handler(lambda r, c: iter(messages))})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with RemoteHead(f"127.0.0.1:{port}", timeout_s=5) as client:
+            seq, items = client.checkpoint()
+            assert seq == 42
+            with pytest.raises(DecodeError, match=error):
+                list(items)
+    finally:
+        server.stop(None)
 
 
 def test_peer_checkpoint_skips_unreachable_and_older_peers(head):
