@@ -99,7 +99,7 @@ load_u32le = _load(32)
 load_u32le.__doc__ = "a[p:p+4] as a little-endian uint32, widened to uint64 (any alignment)."
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True)
 def bytes_equal(a, ao, an, b, bo, bn):
     """a[ao:ao+an] == b[bo:bo+bn]."""
     return an == bn and memcmp(a, ao, b, bo, an) == 0
@@ -110,7 +110,7 @@ _HIGHS = np.uint64(0x8080808080808080)
 _LOWS = np.uint64(0x7F7F7F7F7F7F7F7F)
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@numba.njit(cache=True, nogil=True)
 def any_non_ascii(a, off, n):
     """Whether a[off:off+n] holds a byte >= 0x80 (eight bytes at a time)."""
     i = 0
@@ -125,7 +125,7 @@ def any_non_ascii(a, off, n):
     return False
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@numba.njit(cache=True, nogil=True)
 def any_ff(a, off, n):
     """Whether a[off:off+n] holds a 0xff byte (eight bytes at a time: a zero byte of ~word)."""
     i = 0
@@ -141,7 +141,7 @@ def any_ff(a, off, n):
     return False
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@numba.njit(cache=True, nogil=True)
 def any_high_but_ff(a, off, n):
     """Whether a[off:off+n] holds a byte >= 0x80 other than 0xff (eight bytes at a time): a
     non-ASCII byte in a canonical key, whose separators are 0xff."""
