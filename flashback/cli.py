@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     roles.configure(sub)
     args = p.parse_args(argv)
     _setup_logging(args.log_level)
+    from flashback import malloc
+
+    malloc.tune()
     return args.func(args)
 
 
