@@ -38,6 +38,7 @@ from store.writerequest import (HAS_HISTOGRAMS, NEEDS_SLOW_PATH, S_FLAGS, S_HIST
 from store.xorfast import encode as xor_encode
 
 INT64_MIN = np.iinfo(np.int64).min
+INT64_MAX = np.iinfo(np.int64).max
 _LEGACY_NAME = re2.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 
 # Prometheus' error texts (storage.Err*), the first words of our messages.
@@ -230,7 +231,9 @@ class Head:
         ns = req.num_series
         refs = np.empty(ns, dtype=np.int64)
         ser = req.series
-        K.lookup(self._table, self._keys, req.hashes, ser[:, S_KEY_OFF], ser[:, S_KEY_LEN], req.keys, refs)
+        missing = K.lookup(self._table, self._keys, req.hashes, ser[:, S_KEY_OFF], ser[:, S_KEY_LEN], req.keys, refs)
+        if not missing and (req.canonical or not ser[:, S_FLAGS].any()):
+            return refs  # known series only, canonical, no histograms: nothing to create, check or reject
         slow = (ser[:, S_FLAGS] & NEEDS_SLOW_PATH) != 0
         new = np.flatnonzero((refs < 0) & ~slow)
         if len(new):
@@ -354,25 +357,27 @@ class Head:
         o = self.options
         min_valid, max_valid = bounds
         i = 0
+        appended, lo, hi = 0, INT64_MAX, INT64_MIN
         while True:
-            i, self._n_chunks, self._arena_used = K.append(
+            i, self._n_chunks, self._arena_used, ok, ok_lo, ok_hi = K.append(
                 srefs, req.ts, req.vbits, i, min_valid, max_valid, o.chunk_range_ms,
                 self._open_ts, self._open_vb, self._open_n, self._last_ts, self._last_vb, self._s_mint,
                 self._s_first, self._s_last, self._c_mint, self._c_maxt, self._c_off, self._c_len, self._c_next,
                 self._n_chunks, self._arena, self._arena_used, status)
+            appended, lo, hi = appended + ok, min(lo, ok_lo), max(hi, ok_hi)
             if i >= n:
                 break
             self._grow_chunks()
+        result.appended = appended
+        if appended:
+            self._max_t = max(self._max_t, hi)
+            self.changes.record(lo, hi)
+        if appended == n:
+            return
         not_created = srefs == _NOT_CREATED
         if not_created.any():
             status[not_created] = K.OUT_OF_BOUNDS
         counts = np.bincount(status, minlength=6)
-        result.appended = int(counts[K.OK])
-        if result.appended:
-            ok_ts = req.ts if result.appended == n else req.ts[status == K.OK]
-            lo, hi = int(ok_ts.min()), int(ok_ts.max())
-            self._max_t = max(self._max_t, hi)
-            self.changes.record(lo, hi)
         for code, reason in _STATUS_REASON.items():
             if counts[code]:
                 j = int(np.argmax(status == code))

@@ -65,9 +65,14 @@ def _probe(table, s_keys, h, keys, ko, kn):
 
 @numba.njit(cache=True, nogil=True)
 def lookup(table, s_keys, hashes, key_off, key_len, keys, out):
-    """out[i] = ref of the series whose canonical key is keys[key_off[i]:+key_len[i]], or -1."""
+    """out[i] = ref of the series whose canonical key is keys[key_off[i]:+key_len[i]], or -1;
+    returns how many were not found."""
+    missing = 0
     for i in range(hashes.shape[0]):
         out[i], _ = _probe(table, s_keys, hashes[i], keys, key_off[i], key_len[i])
+        if out[i] < 0:
+            missing += 1
+    return missing
 
 
 @numba.njit(cache=True, nogil=True)
@@ -269,16 +274,20 @@ def _cut(ref, open_ts, open_vb, open_n, s_first, s_last, c_mint, c_maxt, c_off, 
 def append(refs, ts, vbits, start, min_valid, max_valid, chunk_range,
            open_ts, open_vb, open_n, last_ts, last_vb, s_mint, s_first, s_last,
            c_mint, c_maxt, c_off, c_len, c_next, n_chunks, arena, used, status):
-    """Appends samples ``start..`` in order; returns (next sample, n_chunks, arena bytes used).
+    """Appends samples ``start..`` in order; returns (next sample, n_chunks, arena bytes used,
+    samples appended, their lowest and highest timestamp).
 
     Stops early (next sample < len) when the chunk arrays or the arena are
     full: the caller grows them and calls again from the returned index.
     """
     need = max_chunk_bytes(MAX_SAMPLES)
     cap = c_mint.shape[0]
+    ok = 0
+    lo = np.iinfo(np.int64).max
+    hi = np.iinfo(np.int64).min
     for i in range(start, refs.shape[0]):
         if n_chunks + 1 >= cap or used + need > arena.shape[0]:
-            return i, n_chunks, used
+            return i, n_chunks, used, ok, lo, hi
         ref = refs[i]
         if ref < 0:
             status[i] = SKIPPED
@@ -309,11 +318,14 @@ def append(refs, ts, vbits, start, min_valid, max_valid, chunk_range,
         last_ts[ref] = t
         last_vb[ref] = v
         status[i] = OK
+        ok += 1
+        lo = min(lo, t)
+        hi = max(hi, t)
         if n + 1 == MAX_SAMPLES:
             used = _cut(ref, open_ts, open_vb, open_n, s_first, s_last, c_mint, c_maxt, c_off, c_len, c_next,
                         n_chunks, arena, used)
             n_chunks += 1
-    return refs.shape[0], n_chunks, used
+    return refs.shape[0], n_chunks, used, ok, lo, hi
 
 
 @numba.njit(cache=True, nogil=True)

@@ -198,6 +198,7 @@ class ColumnsRequest(WriteRequest):
     """A ``WriteRequest`` read from a columns block: ``buf`` is the keys, there is no protobuf."""
 
     __slots__ = ()
+    canonical = True  # decode_block checks the keys; columns records hold no histograms
 
     def label_pairs(self, i: int) -> list[tuple[bytes, bytes]]:
         p = self.key(i).split(b"\xff")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Iterable
+from typing import ClassVar, Iterable
 
 import numba
 import numpy as np
@@ -283,6 +283,9 @@ class WriteRequest:
     ts: np.ndarray  # int64[n_samples]
     vbits: np.ndarray  # uint64[n_samples]
     sample_series: np.ndarray  # int64[n_samples]: index into series
+    # Whether every series is known to have canonical labels and no histograms (no S_FLAGS set)
+    # without looking: true of columns records (``store.shardrecord``).
+    canonical: ClassVar[bool] = False
 
     @property
     def num_series(self) -> int:
