@@ -180,13 +180,15 @@ def _index(counts, keys, series, hashes, sample_series):
             return 1
         if klen < 2 or keys[koff + klen - 1] != 0xFF:
             return 2
-        series[i, :] = 0
+        for c in range(series.shape[1]):  # element by element: a slice would be a view, with
+            series[i, c] = 0              # atomic reference counting per series
         series[i, S_KEY_OFF] = koff
         series[i, S_KEY_LEN] = klen
         series[i, S_SMP_START] = soff
         series[i, S_SMP_N] = smp
         hashes[i] = xxh64(keys, koff, klen)
-        sample_series[soff:soff + smp] = i
+        for j in range(soff, soff + smp):
+            sample_series[j] = i
         koff += klen
         soff += smp
     if koff != keys.shape[0] or soff != sample_series.shape[0]:
