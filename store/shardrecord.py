@@ -64,7 +64,7 @@ def encode_series(req: WriteRequest, series: np.ndarray | None = None) -> bytes:
     return encode_block(key_len, n, req.ts[idx], req.vbits[idx], keys)
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@numba.njit(cache=True, nogil=True)
 def _put_u32(buf, p, x):
     buf[p] = x & 0xFF
     buf[p + 1] = (x >> 8) & 0xFF
