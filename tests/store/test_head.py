@@ -349,3 +349,35 @@ def test_a_new_series_twice_in_one_request_is_one_series():
     [s] = head.select(_eq("a"), MIN, MAX)
     assert s.labels == Labels.from_dict({"__name__": "a", "i": "1"}) and s.samples()[0].tolist() == [1, 2, 3]
     assert [x.labels.name for x in head.select([Matcher(MatchType.EQ, "i", "1")], MIN, MAX)] == ["a"]
+
+
+@pytest.mark.parametrize("columns", [False, True])
+def test_appends_to_known_series_count_and_record_what_they_appended(columns):
+    # Known series with nothing to reject take a shorter path (no masks, counts from the kernel):
+    # it must still count every sample, move max_time and mark the change tracker, also when
+    # the chunk arrays grow in the middle of the request (the kernel is called again).
+    from store import shardrecord
+
+    def append(head, series):
+        req = decode(prompb_ref.write_request(series))
+        if columns:
+            req = shardrecord.decode_block(shardrecord.encode_series(req))
+        return head.append(req, NOW)
+
+    names = [[("__name__", "m"), ("i", str(i))] for i in range(300)]
+    head = Head()
+    assert append(head, [(n, [(1000, 1.0)]) for n in names]).appended == 300
+    before = head.changes.last_change(0, 10**9)
+    grows = head._c_mint.shape[0]
+    # 300 series x 2000 samples: 16 cuts per series, more closed chunks than the arrays hold.
+    res = append(head, [(n, [(2000 + 1000 * k, float(k)) for k in range(2000)]) for n in names])
+    assert head._c_mint.shape[0] > grows
+    assert res.appended == 300 * 2000 and not res.rejected
+    assert head.max_time == 2000 + 1000 * 1999
+    assert head.changes.last_change(2000, 2000) > before and head.changes.last_change(2_001_000, 2_001_000) > before
+    [s] = head.select([Matcher(MatchType.EQ, "i", "7")], MIN, MAX)
+    assert s.samples()[0].tolist() == [1000] + [2000 + 1000 * k for k in range(2000)]
+    # The same series again with one sample out of order among new ones: the general path.
+    res = append(head, [(n, [(5_000_000, 1.0)]) for n in names[:2]] + [(names[2], [(1500, 1.0)])])
+    assert res.appended == 2 and res.rejected["out_of_order"][0] == 1
+    assert head.max_time == 5_000_000
