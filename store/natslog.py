@@ -710,6 +710,7 @@ class _Reader:
         self._buf: collections.deque[tuple[int, bytes, int]] = collections.deque()
         self._cond = threading.Condition()
         self._ended = False
+        self._wake_at = 1
         self._error: Exception | None = None
         self._client.run(self._create(), timeout_s + 1, f"create consumer {durable or '(ephemeral)'} on {stream}")
 
@@ -776,6 +777,8 @@ class _Reader:
                     self._error = e
                 else:
                     self._buf.append((seq, msg.data, pending))
+                    if len(self._buf) < self._wake_at:
+                        return  # the waiting fetch wants more, or the request's end
             elif status == "100":  # heartbeat or flow control: not asked for
                 return
             elif status == "409" and "deleted" in headers.get(api.Header.DESCRIPTION, "").lower():
@@ -803,9 +806,13 @@ class _Reader:
 
     # --- on the reader's thread --------------------------------------------------------------
 
-    def _request(self, payload: bytes) -> None:
-        """Under ``_cond``: makes a pull request (a status of an earlier one no longer counts)."""
+    def _request(self, payload: bytes, wake_at: int) -> None:
+        """Under ``_cond``: makes a pull request (a status of an earlier one no longer counts);
+        its deliveries wake the waiting fetch once ``wake_at`` records are buffered (not at each
+        one: a wake-up per record cost the replica's thread and the loop thread a GIL hand-over
+        each), its end, or an error, at once."""
         self._ended = False
+        self._wake_at = wake_at
         self._client._loop.call_soon_threadsafe(self._publish_soon, payload)
 
     def _wait(self, done: Callable[[], bool], deadline: float) -> None:
@@ -830,12 +837,12 @@ class _Reader:
             if not self._buf and self._error is None:
                 # What the stream holds now, up to ``prefetch``: all of it before returning.
                 batch = self._prefetch
-                self._request(b'{"batch":%d,"no_wait":true}' % batch)
+                self._request(b'{"batch":%d,"no_wait":true}' % batch, batch)
                 self._wait(lambda: self._ended or len(self._buf) >= batch, deadline)
                 expires = deadline - time.monotonic()
                 if not self._buf and self._error is None and expires >= self.MIN_EXPIRES_S:
                     # Nothing yet: wait for the next record.
-                    self._request(b'{"batch":1,"expires":%d}' % int(expires * 1e9))
+                    self._request(b'{"batch":1,"expires":%d}' % int(expires * 1e9), 1)
                     self._wait(lambda: bool(self._buf), deadline)
             if self._error is not None and not self._buf:
                 error, self._error = self._error, None
