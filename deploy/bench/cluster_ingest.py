@@ -69,6 +69,29 @@ first two changes: 4.71), old, 2377e5f (4.74); new, 2377e5f (4.24), new; old, ne
 On average 4.83 -> 4.23 CPU seconds per million samples and a ratio of 0.371 -> 0.397; runs
 swing by +-0.3 with the machine's load, so single pairs say little.
 
+Session of 2026-11-30 (sixth), on a busier machine (load 0.8-7.1): the scanner's helpers no
+longer inlined by numba (an atomic reference count per field read), glibc keeping request-sized
+buffers (``flashback/malloc.py``), appends of known series without masks, the block index kernel
+without slice views. "base" is f29d932, "new" 0f11f03 (runs 1-2), 4a24044 (3) and bd41675 (4-5),
+alternating base, new:
+
+    run                       adapter  NATS  9 replicas  total  samples/s  single: samples/s  CPU  ratio
+    base                         1.90  1.99        2.66   6.57    271 375            671 942  1.75  0.404
+    base                         1.95  1.84        2.48   6.28    282 768            739 967  1.61  0.382
+    base                         1.86  1.60        2.28   5.75    307 396            814 599  1.47  0.377
+    base                         1.86  1.81        2.29   5.98    274 792            666 516  1.47  0.412
+    base                         1.63  1.24        1.79   4.68    376 916            941 248  1.32  0.400
+    new                          1.50  1.95        2.43   5.91    295 957            804 013  1.37  0.368
+    new                          1.34  1.71        2.08   5.15    340 341            899 274  1.22  0.378
+    new                          1.26  1.63        1.94   4.85    360 930            823 034  1.35  0.439
+    new                          1.12  1.33        1.66   4.12    424 709            983 396  1.13  0.432
+    new                          1.11  1.33        1.58   4.03    431 695          1 201 869  0.95  0.359
+
+The cluster's CPU per sample fell by a sixth (mean 5.85 -> 4.81), and so did the single node's
+(1.52 -> 1.20): the scanner and the allocator serve both, so the ratio stayed where it was
+(0.395 both). Replica RSS after the whole dump 349-356 MiB (was 369-375), 10.8-10.9 KiB per
+series per replica.
+
 In the fourth session the single node gained more than the cluster (the kernels made faster are
 a larger share of its CPU), so the ratio fell while both got faster. On a whole dump the cluster needs about 4.8
 CPU seconds per million samples and is CPU-bound on the two cores (16 processes and the load
