@@ -9,6 +9,8 @@ import signal
 import sys
 import threading
 
+from flashback import malloc
+
 
 class _KeyValueFormatter(logging.Formatter):
     """``ts=... level=... msg=... key=value`` lines, with the structured ``extra`` keys."""
@@ -101,8 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     roles.configure(sub)
     args = p.parse_args(argv)
     _setup_logging(args.log_level)
-    from flashback import malloc
-
     malloc.tune()
     return args.func(args)
 

@@ -33,17 +33,21 @@ MMAP_THRESHOLD = 4 << 20
 TRIM_THRESHOLD = 32 << 20
 
 
+def glibc() -> ctypes.CDLL | None:
+    """The C library if it is glibc, else None."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    except OSError:
+        return None
+    return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
+
+
 def tune(environ: Mapping[str, str] = os.environ) -> bool:
     """Applies the settings above; returns whether they were applied."""
-    if any(k.startswith("MALLOC_") for k in environ):
+    libc = glibc()
+    if libc is None or any(k.startswith("MALLOC_") for k in environ):
         return False
-    name = ctypes.util.find_library("c")
-    try:
-        mallopt = ctypes.CDLL(name).mallopt
-        gnu = ctypes.CDLL(name).gnu_get_libc_version
-    except (OSError, AttributeError, TypeError):
-        return False  # not glibc
-    del gnu
+    mallopt = libc.mallopt
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
     ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1

@@ -180,8 +180,9 @@ def _index(counts, keys, series, hashes, sample_series):
             return 1
         if klen < 2 or keys[koff + klen - 1] != 0xFF:
             return 2
-        for c in range(series.shape[1]):  # element by element: a slice would be a view, with
-            series[i, c] = 0              # atomic reference counting per series
+        # Element by element: a slice would be an array view, reference-counted atomically.
+        for c in range(series.shape[1]):
+            series[i, c] = 0
         series[i, S_KEY_OFF] = koff
         series[i, S_KEY_LEN] = klen
         series[i, S_SMP_START] = soff
@@ -200,7 +201,7 @@ class ColumnsRequest(WriteRequest):
     """A ``WriteRequest`` read from a columns block: ``buf`` is the keys, there is no protobuf."""
 
     __slots__ = ()
-    canonical = True  # decode_block checks the keys; columns records hold no histograms
+    canonical = True  # the adapter writes canonical keys and no histograms; decode_block leaves S_FLAGS 0
 
     def label_pairs(self, i: int) -> list[tuple[bytes, bytes]]:
         p = self.key(i).split(b"\xff")

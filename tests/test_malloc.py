@@ -1,20 +1,9 @@
-import ctypes
-import ctypes.util
-
 import pytest
 
 from flashback import malloc
 
 
-def _is_glibc() -> bool:
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c")).gnu_get_libc_version
-    except (OSError, AttributeError):
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _is_glibc(), reason="mallopt is glibc's")
+@pytest.mark.skipif(malloc.glibc() is None, reason="mallopt is glibc's")
 def test_settings_are_applied_on_glibc():
     assert malloc.tune({}) is True
 
