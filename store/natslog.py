@@ -815,9 +815,10 @@ class _Reader:
         self._wake_at = wake_at
         self._client._loop.call_soon_threadsafe(self._publish_soon, payload)
 
-    def _wait(self, done: Callable[[], bool], deadline: float) -> None:
-        """Under ``_cond``: waits until ``done()``, an error or ``deadline``."""
-        while self._error is None and not done():
+    def _wait(self, deadline: float) -> None:
+        """Under ``_cond``: waits until the last request's ``wake_at`` records are buffered, its
+        end, an error or ``deadline``."""
+        while self._error is None and not self._ended and len(self._buf) < self._wake_at:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
@@ -838,12 +839,12 @@ class _Reader:
                 # What the stream holds now, up to ``prefetch``: all of it before returning.
                 batch = self._prefetch
                 self._request(b'{"batch":%d,"no_wait":true}' % batch, batch)
-                self._wait(lambda: self._ended or len(self._buf) >= batch, deadline)
+                self._wait(deadline)
                 expires = deadline - time.monotonic()
                 if not self._buf and self._error is None and expires >= self.MIN_EXPIRES_S:
                     # Nothing yet: wait for the next record.
                     self._request(b'{"batch":1,"expires":%d}' % int(expires * 1e9), 1)
-                    self._wait(lambda: bool(self._buf), deadline)
+                    self._wait(deadline)
             if self._error is not None and not self._buf:
                 error, self._error = self._error, None
                 raise error
