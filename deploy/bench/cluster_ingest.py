@@ -11,7 +11,8 @@ and head series (RSS per active series per replica, in all and above the RSS of 
 before the replay, with an empty head). CPU seconds per million samples are read
 from ``/proc/<pid>/stat`` of every process (single node; cluster per role and per process, NATS
 servers included), once when the replay ends and once when every replica has caught up: unlike
-wall-clock figures they hardly depend on what else runs on the machine.
+wall-clock figures they hardly depend on what else runs on the machine. rwload's own CPU
+(``client_cpu_s_per_m_samples``) comes out of the same cores.
 
 Measured on the 2-core box with --requests 3060 (6.0 M samples, 100 k series), warm numba
 caches, other sessions' load 3-16 (CPU seconds per million samples, single node 1.7-1.8):
@@ -113,6 +114,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import struct
 import subprocess
@@ -145,9 +147,17 @@ def _truncated_dump(src: str, n: int, dst: str) -> str:
 
 
 def _replay(url: str, dump: str, concurrency: int) -> dict:
+    """rwload's result, with its own CPU seconds per million samples accepted (the load
+    generator shares the machine's cores with what it measures)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     p = subprocess.run([sys.executable, os.path.join(BENCH, "rwload.py"), "--url", url, "--replay", dump,
                         "--concurrency", str(concurrency)], capture_output=True, text=True, check=True)
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    samples = result.get("samples_accepted") or 0
+    result["client_cpu_s_per_m_samples"] = round(cpu * 1e6 / samples, 3) if samples else None
+    return result
 
 
 def _rss_mib(pid: int) -> float:
@@ -262,9 +272,11 @@ def main() -> int:
                                         rss_empty[f"store-{s['shard']}-{rep['name']}"]))
         finally:
             cluster.stop()
-        print(json.dumps({"single": {**{k: one[k] for k in ("samples_accepted", "samples_per_s", "latency_ms")},
+        print(json.dumps({"single": {**{k: one[k] for k in ("samples_accepted", "samples_per_s", "latency_ms",
+                                                       "client_cpu_s_per_m_samples")},
                                      "cpu_s_per_m_samples": one_cpu},
-                          "cluster": {k: many[k] for k in ("samples_accepted", "samples_per_s", "latency_ms")},
+                          "cluster": {k: many[k] for k in ("samples_accepted", "samples_per_s", "latency_ms",
+                                                           "client_cpu_s_per_m_samples")},
                           "cluster_cpu_during_replay": during,
                           "cluster_cpu_until_caught_up": total,
                           "cluster_idle": idle,
