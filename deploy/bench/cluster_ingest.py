@@ -104,6 +104,19 @@ and 1.25 ms with three durable R3 consumers (0.95 ms with in-memory R1 consumers
 acknowledgements), i.e. 1.2-1.9 s per million samples at ~650 samples per record; 49 KB records
 cost 1.66 ms (2.2x the CPU for 4x the samples). Measured with ``nats_publish_cost.py``.
 
+Session of 2026-11-30 (seventh), at 308a839 on a quiet machine (load 2.7): cluster 3.51 CPU
+seconds per million samples (adapter 1.01, NATS 1.11, replicas 1.38), 496 682 samples/s; single
+node 0.87, 1 315 135 samples/s; ratio 0.378. rwload itself took 0.15 s per million samples in
+both. The single node used 1.35 of the 2 cores with rwload: it is bound by the latency of two
+connections. For 0.5 the cluster would have had to take 658 k samples/s on the 1.90 cores left
+by rwload, 2.89 s per million samples; each role alone costs more than that together: the
+adapter 1.0 (0.75-0.80 for HTTP, decoding and splitting with a log that acknowledges at once,
+sixth session, plus ~0.26 for publishing), NATS 1.1 (three R3 messages per 2000-sample
+request), the nine replicas fed straight into the streams 0.99-1.21 (``replica_hosts.py``; the
+same with three replicas per process). Longer replica batches (``fetch_linger_s`` 1 s,
+``fetch_batch`` 256) took the replicas from 1.62-1.88 to 1.53-1.55 in two alternating pairs
+(store column) and did not move the ratio (0.36-0.41 against 0.37-0.38).
+
 At 2 connections the cluster is CPU-bound here (16 processes and the load generator on 2 cores):
 latency p50 14-15 ms per request against 4 ms for the single node.
 Replica RSS: ~300 MiB with 33.5 k series after the run, ~128 MiB of it before (an empty head).
