@@ -23,12 +23,20 @@ The servers run with ``GOMAXPROCS`` = cores / 3 unless the environment sets it
 message with ``GOMAXPROCS=1`` against 1.24-1.33 ms with Go's default (2), in alternating runs
 (``GOMAXPROCS=2 python3 deploy/bench/nats_publish_cost.py --setups r1-mem-noack``); a 1 KB
 message still costs ~0.6-0.7 ms: the cost is per message, not per byte.
+
+``--connect leader,follower``: the publisher connected to the stream leader's server or to
+another one (then every publish and PubAck crosses a route). Session of 2026-11-30 (seventh),
+``--setups none --connect leader,follower,leader,follower,leader,follower --messages 2000``:
+0.54-0.57 ms per message against 0.58-0.60 (an earlier script, 3000 messages: 0.49-0.56 against
+0.56-0.59). At three records per 2000-sample request that is 0.05-0.09 s per million samples of
+the cluster's write path.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import shutil
@@ -40,6 +48,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
+_RUNS = itertools.count()
 SETUPS = ("none", "r3-ack", "r3-noack", "r1-mem-noack")
 
 
@@ -49,13 +58,19 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(urls: list[str], cpu, idle_per_s: float, setup: str, size: int, n: int) -> dict:
+def measure(urls: list[str], names: list[str], cpu, idle_per_s: float, setup: str, size: int, n: int,
+            connect: str = "any") -> dict:
     from nats.js import api
 
     from store.natslog import NatsConnection, NatsLog, wait_future
 
-    stream = f"cost_{setup.replace('-', '_')}_{os.getpid()}"
+    stream = f"cost_{setup.replace('-', '_')}_{connect}_{os.getpid()}_{next(_RUNS)}"
     lg = NatsLog(urls, stream, replicas=3, timeout_s=10)
+    if connect != "any":
+        leader = names.index(lg.state().leader)
+        lg.close()
+        lg = NatsLog([urls[leader if connect == "leader" else (leader + 1) % len(urls)]], stream, replicas=3,
+                     timeout_s=10)
     readers = []
     if setup != "none":
         for i in range(3):
@@ -117,7 +132,7 @@ def measure(urls: list[str], cpu, idle_per_s: float, setup: str, size: int, n: i
     for conn, _, _ in readers:
         conn.close()
     lg.close()
-    return {"setup": setup, "cpu_ms_per_message": round(used * 1000 / n, 3), "messages_per_s": round(n / elapsed)}
+    return {"setup": setup, "connect": connect, "cpu_ms_per_message": round(used * 1000 / n, 3), "messages_per_s": round(n / elapsed)}
 
 
 def main() -> int:
@@ -125,6 +140,9 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=12400)
     ap.add_argument("--messages", type=int, default=3000)
     ap.add_argument("--setups", default=",".join(SETUPS))
+    ap.add_argument("--connect", default="any",
+                    help="which server the publisher connects to: any, leader (the stream leader's), follower; "
+                         "comma-separated to measure several, alternating")
     args = ap.parse_args()
     from store.natscluster import NatsCluster
 
@@ -141,7 +159,8 @@ def main() -> int:
         c0 = cpu()
         time.sleep(8)
         idle = (cpu() - c0) / 8
-        results = [measure(cluster.urls, cpu, idle, s, args.size, args.messages) for s in args.setups.split(",")]
+        results = [measure(cluster.urls, cluster.names, cpu, idle, s, args.size, args.messages, c)
+                   for s in args.setups.split(",") for c in args.connect.split(",")]
         print(json.dumps({"size": args.size, "messages": args.messages, "idle_cpu_s_per_s": round(idle, 3),
                           "results": results}, indent=1))
     finally:
