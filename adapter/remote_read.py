@@ -42,6 +42,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from adapter import prompb
 from adapter.prompb import MatcherType, ReadRequest, ResponseType
+from adapter.remote_write import snappy_message
 from store import xorfast
 from store.chunks import ENCODING_XOR, Chunk
 from store.errors import DecodeError, InvalidMatcher
@@ -250,22 +251,17 @@ def _decode_body(body: bytes) -> ReadRequest:
     try:
         size = cramjam.snappy.decompress_raw_len(body)
     except cramjam.DecompressionError as e:
-        raise BadReadRequest(_snappy_message(e)) from None
+        raise BadReadRequest(snappy_message(e)) from None
     if size > DECODE_READ_LIMIT:
         raise BadReadRequest(f"snappy: decoded length {size} exceeds limit {DECODE_READ_LIMIT}")
     try:
         raw = cramjam.snappy.decompress_raw(body).read()
     except cramjam.DecompressionError as e:
-        raise BadReadRequest(_snappy_message(e)) from None
+        raise BadReadRequest(snappy_message(e)) from None
     try:
         return prompb.decode_read_request(raw)
     except DecodeError as e:
         raise BadReadRequest(f"invalid protobuf ReadRequest: {e}") from None
-
-
-def _snappy_message(e: Exception) -> str:
-    msg = str(e)
-    return msg if msg.startswith("snappy") else f"snappy: {msg}"
 
 
 def _select(querier: Querier, query: prompb.Query) -> list[Series]:

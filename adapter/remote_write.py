@@ -100,11 +100,17 @@ def decode_request(req: Request, max_decoded_bytes: int) -> writerequest.WriteRe
     try:
         body = cramjam.snappy.decompress_raw(req.body).read()
     except cramjam.DecompressionError as e:
-        return _bad(f"snappy: {e}")
+        return _bad(snappy_message(e))
     try:
         return writerequest.decode(body)
     except DecodeError as e:
         return _bad(str(e))
+
+
+def snappy_message(e: Exception) -> str:
+    """The text of a snappy error, starting with ``snappy:`` once (cramjam's own texts do)."""
+    msg = str(e)
+    return msg if msg.startswith("snappy") else f"snappy: {msg}"
 
 
 def _bad(msg: str) -> Response:

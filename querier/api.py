@@ -318,7 +318,7 @@ class QueryAPI:
         try:
             return parse_time(s)
         except ValueError as e:
-            raise _bad(name, str(e)) from None
+            raise _bad(name, f"Invalid time value for '{name}': {e}") from None
 
     def _timeout(self, form) -> float | None:
         s = self._param(form, "timeout")
@@ -375,13 +375,13 @@ class QueryAPI:
         except ValueError as e:
             raise _bad("end", str(e)) from None
         if end < start:
-            raise ApiError("bad_data", "end timestamp must not be before start time")
+            raise _bad("end", "end timestamp must not be before start time")
         try:
             step = parse_duration(self._param(form, "step"))
         except ValueError as e:
             raise _bad("step", str(e)) from None
         if step <= 0:
-            raise ApiError("bad_data", "zero or negative query resolution step widths are not accepted. Try a positive integer")
+            raise _bad("step", "zero or negative query resolution step widths are not accepted. Try a positive integer")
         if (end - start) // step > MAX_POINTS:
             raise ApiError("bad_data", "exceeded maximum resolution of 11,000 points per timeseries. Try decreasing the query resolution (?step=XX)")
         timeout = self._timeout(form)
@@ -558,7 +558,7 @@ class QueryAPI:
             raise _bad("query", str(e)) from None
         start, end = self._range(form)
         if end < start:
-            raise ApiError("bad_data", "end timestamp must not be before start time")
+            raise ApiError("bad_data", "end timestamp must not be before start timestamp")
         return _success("[]")
 
     def rules(self, req: Request) -> Response:

@@ -79,9 +79,9 @@ def test_range_query_post_form(api):
 @pytest.mark.parametrize("params,message", [
     ([("query", "up"), ("start", "x"), ("end", "1"), ("step", "1")], 'invalid parameter "start": cannot parse "x" to a valid timestamp'),
     ([("query", "up"), ("end", "1"), ("step", "1")], 'invalid parameter "start": cannot parse "" to a valid timestamp'),
-    ([("query", "up"), ("start", "10"), ("end", "5"), ("step", "1")], "end timestamp must not be before start time"),
+    ([("query", "up"), ("start", "10"), ("end", "5"), ("step", "1")], 'invalid parameter "end": end timestamp must not be before start time'),
     ([("query", "up"), ("start", "1"), ("end", "5"), ("step", "0")],
-     "zero or negative query resolution step widths are not accepted. Try a positive integer"),
+     'invalid parameter "step": zero or negative query resolution step widths are not accepted. Try a positive integer'),
     ([("query", "up"), ("start", "1"), ("end", "5"), ("step", "abc")], 'invalid parameter "step": cannot parse "abc" to a valid duration'),
     ([("query", "up"), ("start", "0"), ("end", "100000"), ("step", "1")],
      "exceeded maximum resolution of 11,000 points per timeseries. Try decreasing the query resolution (?step=XX)"),
@@ -91,6 +91,24 @@ def test_range_query_post_form(api):
 ], ids=["bad-start", "missing-start", "end-before-start", "zero-step", "bad-step", "too-many-points", "parse-error", "range-vector"])
 def test_range_query_bad_data(api, params, message):
     status, body = call(api, "/api/v1/query_range", params)
+    assert status == 400
+    assert body == {"status": "error", "errorType": "bad_data", "error": message}
+
+
+@pytest.mark.parametrize("path,params,message", [
+    ("/api/v1/query", [("query", "up"), ("time", "notatime")],
+     'invalid parameter "time": Invalid time value for \'time\': cannot parse "notatime" to a valid timestamp'),
+    ("/api/v1/series", [("match[]", "up"), ("start", "abc")],
+     'invalid parameter "start": Invalid time value for \'start\': cannot parse "abc" to a valid timestamp'),
+    ("/api/v1/labels", [("end", "abc")],
+     'invalid parameter "end": Invalid time value for \'end\': cannot parse "abc" to a valid timestamp'),
+    ("/api/v1/label/job/values", [("start", "abc")],
+     'invalid parameter "start": Invalid time value for \'start\': cannot parse "abc" to a valid timestamp'),
+], ids=["query-time", "series-start", "labels-end", "label-values-start"])
+def test_optional_time_parameters_bad_data(api, path, params, message):
+    # Prometheus words optional time parameters (parseTimeParam) differently from query_range's
+    # required start and end; the texts are Prometheus 2.42's answers to the same requests.
+    status, body = call(api, path, params)
     assert status == 400
     assert body == {"status": "error", "errorType": "bad_data", "error": message}
 
@@ -187,7 +205,7 @@ def test_rules_alerts_metadata_exemplars_are_empty_but_checked(api):
     status, body = call(api, "/api/v1/query_exemplars", [("query", "up{")])
     assert status == 400 and body["errorType"] == "bad_data" and "parse error" in body["error"]
     status, body = call(api, "/api/v1/query_exemplars", [("query", "up"), ("start", "10"), ("end", "5")])
-    assert status == 400 and body["error"] == "end timestamp must not be before start time"
+    assert status == 400 and body["error"] == "end timestamp must not be before start timestamp"
 
 
 def test_format_query(api):
