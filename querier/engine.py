@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -52,12 +54,41 @@ def duration_ms(d: datetime.timedelta | None) -> int:
     return (d.days * 86_400_000_000 + d.seconds * 1_000_000 + d.microseconds) // 1000
 
 
+# promql-parser's type errors, reworded as Prometheus' parser words them (documented type names,
+# function names in double quotes, "aggregation parameter" for an aggregation's scalar or string).
+_TYPE_NAMES = {"matrix": "range vector", "vector": "instant vector"}
+_EXPECTED_TYPE = re.compile(r"expected type (\w+) in (call to function '([^']*)'|aggregation expression), got (\w+)")
+_EXPECTED_ARGS = re.compile(r"(expected \d+ argument\(s\) in call to )'([^']*)'")
+_UNARY = re.compile(r"(unary expression only allowed on expressions of type scalar or )vector, got: (\w+)")
+
+
+def _documented(t: str) -> str:
+    return _TYPE_NAMES.get(t, t)
+
+
+def _expected_type(m: re.Match) -> str:
+    want, got = _documented(m[1]), _documented(m[4])
+    if m[3] is not None:
+        where = f"call to function {json.dumps(m[3])}"
+    else:
+        where = "aggregation parameter" if want in ("scalar", "string") else "aggregation expression"
+    return f"expected type {want} in {where}, got {got}"
+
+
+def prometheus_wording(msg: str) -> str:
+    """A promql-parser error message in Prometheus' words, where they differ only in wording."""
+    msg = _EXPECTED_TYPE.sub(_expected_type, msg)
+    msg = _EXPECTED_ARGS.sub(lambda m: f"{m[1]}{json.dumps(m[2])}", msg)
+    return _UNARY.sub(lambda m: f"{m[1]}instant vector, got {json.dumps(_documented(m[2]))}", msg)
+
+
 def parse(expr: str) -> pp.Expr:
-    """Parses ``expr``; raises ``ParseError`` with Prometheus' ``parse error: ...`` wording."""
+    """Parses ``expr``; raises ``ParseError`` with Prometheus' ``parse error: ...`` wording (but
+    without its ``line:column:`` position, which promql-parser does not report)."""
     try:
         return pp.parse(expr)
     except ValueError as e:
-        raise ParseError(f"parse error: {e}") from None
+        raise ParseError(f"parse error: {prometheus_wording(str(e))}") from None
     except BaseException as e:  # the Rust parser may panic on odd input
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise

@@ -8,7 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from querier.engine import Engine
+from querier.engine import Engine, parse
 from querier.errors import ExecutionError, ParseError, QueryTimeout, TooManySamples
 from store.labels import Labels
 from tests.querier.fakequerier import FakeQuerier
@@ -271,3 +271,22 @@ def test_matchers_and_regex():
     assert set(instant(q, 'm{a=~"o"}', 0).values()) == set()  # anchored
     assert set(instant(q, 'm{a=""}', 0).values()) == {3}
     assert set(instant(q, '{__name__="m", a!="foo"}', 0).values()) == {2, 3}
+
+
+@pytest.mark.parametrize("expr,message", [
+    ("rate(up)", 'expected type range vector in call to function "rate", got instant vector'),
+    ("sum(x[5m])", "expected type instant vector in aggregation expression, got range vector"),
+    ("-x[5m]", 'unary expression only allowed on expressions of type scalar or instant vector, got "range vector"'),
+    ("topk(x, y)", "expected type scalar in aggregation parameter, got instant vector"),
+    ('label_replace(x, 1, "a", "b", "c")', 'expected type string in call to function "label_replace", got scalar'),
+    ("count_values(1, x)", "expected type string in aggregation parameter, got scalar"),
+    ("time(1)", 'expected 0 argument(s) in call to "time", got 1'),
+    ("vector(x)", 'expected type scalar in call to function "vector", got instant vector'),
+    ("x[5m] + 1", "binary expression must contain only scalar and instant vector types"),
+], ids=["function-arg", "aggregation-expr", "unary", "aggregation-param", "string-arg", "count-values-param",
+        "argument-count", "vector-arg", "binary"])
+def test_parse_errors_read_as_prometheus_words_them(expr, message):
+    # Prometheus 2.42's answers to the same queries, without their "line:column: " position.
+    with pytest.raises(ParseError) as e:
+        parse(expr)
+    assert str(e.value) == f"parse error: {message}"
