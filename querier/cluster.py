@@ -19,6 +19,7 @@ from typing import Callable, Protocol, Sequence
 
 from querier.tiered import merge_selections
 from store.errors import ReplicaError, StorageError
+from store.headrpc import STATUS_FIELDS
 from store.matchers import Matcher
 from store.storage import Querier, SelectHints, Series
 
@@ -123,7 +124,8 @@ def cluster_status(shards: Sequence[ShardReplicas], pool: ThreadPoolExecutor) ->
             st.update(name=name, healthy=True)
             return st
         except StorageError as e:
-            return {"name": name, "healthy": False, "error": str(e)}
+            return {**dict.fromkeys(STATUS_FIELDS), "replica": name, "name": name, "ready": False,
+                    "healthy": False, "error": str(e)}
 
     futures = [[pool.submit(one, n, c) for n, c in s.replicas] for s in shards]
     return [{"shard": s.name, "replicas": [f.result() for f in fs]} for s, fs in zip(shards, futures)]

@@ -332,6 +332,12 @@ def decode_checkpoint_batch(data: bytes) -> tuple[int, bool, list[tuple[bytes, b
     return seq, bool(last), items
 
 
+# The fields of a head replica's status (``store.replica.HeadReplica.status``); a querier or
+# adapter reports a replica it cannot reach with the same fields, unknown ones null.
+STATUS_FIELDS = ("stream", "replica", "applied_seq", "checkpoint_seq", "stream_first_seq", "stream_last_seq",
+                 "stream_leader", "lag", "ready", "healthy", "error", "series", "min_valid_time_ms")
+
+
 def encode_status(status: dict) -> bytes:
     """A ``Status`` response: a JSON object of the replica's status (strings, numbers, booleans)."""
     return _U8.pack(VERSION) + json.dumps(status, sort_keys=True, default=str).encode()

@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from store.headrpc import STATUS_FIELDS
 from querier.cluster import PersistedHeads, ShardedQuerier, ShardReplicas, ShardUnavailable, cluster_status
 from querier.engine import Engine
 from store.errors import InvalidMatcher, ReplicaUnavailable
@@ -119,7 +120,11 @@ def test_a_shard_with_no_replica_fails_the_query_or_warns(pool):
     assert q.warnings and "shard s1" in q.warnings[0]
     st = cluster_status(shards, pool)
     assert st[0]["replicas"][0] == {"applied": 7, "lag": 0, "name": "r0", "healthy": True}
-    assert st[1]["replicas"][1]["healthy"] is False and "connection refused" in st[1]["replicas"][1]["error"]
+    down = st[1]["replicas"][1]
+    assert down["healthy"] is False and down["ready"] is False and "connection refused" in down["error"]
+    # The same fields as a replica that answers (store.replica.HeadReplica.status), unknown ones null.
+    assert down["name"] == down["replica"] == "r1" and set(STATUS_FIELDS) <= set(down)
+    assert down["lag"] is None and down["applied_seq"] is None
 
 
 # ---- the results cache's change feed for heads in other processes ---------------------------

@@ -26,7 +26,7 @@ from store import writerequest
 from store.db import decode_record, encode_record
 from store.errors import CheckpointMismatch, LogTruncated, LogUnavailable, UnsupportedVersion
 from store.head import Head
-from store.headrpc import HeadService, peer_checkpoint
+from store.headrpc import STATUS_FIELDS, HeadService, peer_checkpoint
 from store.matchers import Matcher, MatchType
 from store.natslog import NatsLog
 from store.replica import CHECKPOINT_BUCKET, HeadReplica, consumer_name, decode_mark, mark_key
@@ -146,6 +146,7 @@ def test_three_replicas_hold_identical_heads(cluster, nlog, stream, tmp_path):
         # Lag comes from polls and deliveries: wait until every replica has seen the last record.
         wait_for(lambda: all(r.lag == 0 and r.status()["stream_last_seq"] == 100 for r in reps), 30, "lag 0")
         st = reps[1].status()
+        assert tuple(st) == STATUS_FIELDS  # what a querier fills with nulls for a replica it cannot reach
         assert st["replica"] == "r1" and st["stream"] == stream
         assert (st["applied_seq"], st["lag"], st["ready"], st["healthy"], st["error"], st["series"]) == \
             (100, 0, True, True, None, 20)
