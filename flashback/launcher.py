@@ -18,7 +18,7 @@ import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import yaml
 
@@ -98,11 +98,14 @@ class LocalCluster:
         compactor_flags: extra flags of every ``flashback compactor`` (``--window``, ``--grace``,
             ``--interval``, ``--levels``).
         querier_flags: extra flags of the ``flashback querier``.
+        adapter_listen, querier_listen: HOST:PORT of the adapter and the querier (what Prometheus
+            and Grafana are pointed at); free ports by default, like every other process.
     """
 
     def __init__(self, directory: str, shards: int = 3, replicas: int = 3, nats_servers: int = 3, *,
                  objstore: dict | None = None, store_flags: Sequence[str] = (),
-                 compactor_flags: Sequence[str] = (), querier_flags: Sequence[str] = ()) -> None:
+                 compactor_flags: Sequence[str] = (), querier_flags: Sequence[str] = (),
+                 adapter_listen: str | None = None, querier_listen: str | None = None) -> None:
         self.directory = os.path.abspath(directory)
         os.makedirs(self.directory, exist_ok=True)
         self.nats = NatsCluster(os.path.join(self.directory, "nats"), size=nats_servers)
@@ -116,6 +119,7 @@ class LocalCluster:
         self.store_flags = list(store_flags)
         self.compactor_flags = list(compactor_flags)
         self.querier_flags = list(querier_flags)
+        self.adapter_listen, self.querier_listen = adapter_listen, querier_listen
 
     def _add(self, name: str, args: list[str], http: str, **extra) -> Process:
         p = Process(name, args, http, os.path.join(self.directory, f"{name}.log"), extra=extra)
@@ -157,15 +161,17 @@ class LocalCluster:
                       "--objstore.config-file", self.objstore_path,
                       "--data-dir", os.path.join(self.directory, f"compactor-{s.name}"), *self.compactor_flags],
                       http)
-        http = f"127.0.0.1:{next(ports)}"
+        http = self.adapter_listen or f"127.0.0.1:{next(ports)}"
         self._add("adapter", ["adapter", *topo, "--listen", http], http)
-        http = f"127.0.0.1:{next(ports)}"
+        http = self.querier_listen or f"127.0.0.1:{next(ports)}"
         self._add("querier", ["querier", *topo, "--listen", http, "--objstore.config-file", self.objstore_path,
                               *self.querier_flags], http)
-        names = [n for n in self.processes if compactors or not n.startswith("compactor-")]
+        names = [n for n in self.processes if not n.startswith("compactor-")]
         for n in names:
             self.processes[n].start()
         self.wait_ready(timeout, names)
+        if compactors:  # after the replicas they read, so that their first pass finds them
+            self.start_compactors(timeout)
         return self
 
     def start_compactors(self, timeout: float = 120) -> None:
@@ -216,6 +222,43 @@ class LocalCluster:
             return str(config.get("directory"))
         return f"{self.objstore.get('type')} {config.get('endpoint')}/{config.get('bucket')}"
 
+    def supervise(self, stop: threading.Event, *, restart: bool = True, interval_s: float = 1.0,
+                  out=sys.stderr) -> None:
+        """Until ``stop`` is set: reports every process that exits (a crash, a ``kill -9``) and,
+        with ``restart``, starts it again as a Kubernetes StatefulSet would: at once after a
+        process ran for a minute, else after 1 s, 2 s, ... up to 30 s."""
+        backoff: dict[str, float] = {}
+        started: dict[str, float] = {}
+        due: dict[str, float] = {}  # a process that exited is started again at this time
+        units: list[tuple[str, Callable[[], bool], Callable[[], str], Callable[[], None]]] = [
+            (f"nats-{i}", lambda i=i: self.nats.running(i), lambda i=i: f"({self.nats.urls[i]}) stopped",
+             lambda i=i: self.nats.restart(i)) for i in range(self.nats.size)]
+        units += [(name, lambda p=p: p.proc is not None and p.proc.poll() is None,
+                   lambda p=p: f"exited with code {p.proc.returncode} (log: {p.log_path})", p.start)
+                  for name, p in self.processes.items() if p.proc is not None]
+        while not stop.wait(interval_s):
+            for name, running, how, start in units:
+                if running():
+                    continue
+                now = time.monotonic()
+                if name not in due:
+                    print(f"{name} {how()}", file=out, flush=True)
+                    ran = now - started.get(name, now - 60)
+                    backoff[name] = 0.0 if ran >= 60 else min(max(2 * backoff.get(name, 0.0), 1.0), 30.0)
+                    due[name] = now + backoff[name] if restart else float("inf")
+                if due[name] > now:
+                    continue
+                try:
+                    start()
+                except Exception as e:  # e.g. a NATS server not ready in time: try again later
+                    print(f"restarting {name} failed: {e}", file=out, flush=True)
+                    backoff[name] = min(max(2 * backoff[name], 1.0), 30.0)
+                    due[name] = time.monotonic() + backoff[name]
+                    continue
+                print(f"{name} restarted", file=out, flush=True)
+                del due[name]
+                started[name] = time.monotonic()
+
     def stop(self) -> None:
         # Writers first, then readers, then the stores, then NATS.
         order = sorted(self.processes.values(),
@@ -229,17 +272,36 @@ class LocalCluster:
         self.nats.stop()
 
 
+def _bindable(address: str) -> str | None:
+    """Why ``HOST:PORT`` cannot be listened on, or None if it can."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.socket() as s:
+            s.bind((host, int(port)))
+    except (OSError, ValueError) as e:
+        return f"{address}: {e}"
+    return None
+
+
 def run(args) -> int:
-    """``flashback cluster up``: start, print where everything listens, stop on Ctrl-C/SIGTERM."""
-    cluster = LocalCluster(args.dir, shards=args.shards, replicas=args.replicas)
+    """``flashback cluster up``: start, print where everything listens, restart what exits
+    (unless ``--no-restart``), stop on Ctrl-C/SIGTERM."""
+    for flag, address in (("--adapter-listen", args.adapter_listen), ("--querier-listen", args.querier_listen)):
+        why = _bindable(address)
+        if why:
+            print(f"flashback cluster up: cannot listen on {why} ({flag})", file=sys.stderr)
+            return 2
+    cluster = LocalCluster(args.dir, shards=args.shards, replicas=args.replicas,
+                           adapter_listen=args.adapter_listen, querier_listen=args.querier_listen)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
         cluster.start()
         print(cluster.describe(), flush=True)
-        print("running; Ctrl-C stops everything", file=sys.stderr, flush=True)
-        stop.wait()
+        print("running; " + ("processes that exit are restarted; " if not args.no_restart else "")
+              + "Ctrl-C stops everything", file=sys.stderr, flush=True)
+        cluster.supervise(stop, restart=not args.no_restart)
     finally:
         cluster.stop()
     return 0

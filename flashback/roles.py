@@ -106,7 +106,9 @@ def cmd_store(args: argparse.Namespace) -> int:
 
     topology = load_topology(args.topology)
     shard = topology.shard(args.shard)
-    shard.replica(args.replica)
+    me = shard.replica(args.replica)
+    args.listen = args.listen or me.http
+    args.grpc_listen = args.grpc_listen or me.grpc
     peers = [(r.name, r.grpc) for r in shard.replicas if r.name != args.replica]
     warmup.ingest_kernels()
     registry = CollectorRegistry()
@@ -288,16 +290,19 @@ def configure(sub: argparse._SubParsersAction) -> None:
             raise argparse.ArgumentTypeError(f"{v!r}: window counts start with 1, each a multiple of the one before")
         return out
 
-    def common(p: argparse.ArgumentParser) -> None:
+    def common(p: argparse.ArgumentParser, api: str = "") -> None:
         p.add_argument("--topology", required=True, help="cluster topology file (store/docs/format/topology.md)")
-        p.add_argument("--listen", required=True, help="HOST:PORT of /metrics, /-/healthy, /-/ready (and the API)")
+        p.add_argument("--listen", required=True, help=f"HOST:PORT of {api}/metrics, /-/healthy and /-/ready")
 
     st = sub.add_parser("store", help="run one head replica of a shard (cluster mode)")
-    common(st)
+    st.add_argument("--topology", required=True, help="cluster topology file (store/docs/format/topology.md)")
+    st.add_argument("--listen", help="HOST:PORT of /metrics, /-/healthy and /-/ready (default: the replica's http "
+                                     "address in the topology)")
     st.add_argument("--shard", required=True)
     st.add_argument("--replica", required=True, help="this replica's name in the topology")
     st.add_argument("--data-dir", required=True, help="where the replica keeps its head checkpoints")
-    st.add_argument("--grpc-listen", required=True, help="HOST:PORT of the head gRPC service")
+    st.add_argument("--grpc-listen", help="HOST:PORT of the head gRPC service (default: the replica's grpc "
+                                          "address in the topology)")
     # Replicas of a shard apply the same records the same way only with the same head settings.
     st.add_argument("--head.chunk-range", dest="chunk_range_ms", type=positive_duration, default=2 * 3600_000,
                     help="time range of a head chunk (default 2h; the same on every replica of a shard)")
@@ -313,12 +318,12 @@ def configure(sub: argparse._SubParsersAction) -> None:
     st.set_defaults(func=cmd_store)
 
     ad = sub.add_parser("adapter", help="run a remote-write adapter (cluster mode)")
-    common(ad)
+    common(ad, "/api/v1/write, /api/v1/status/cluster, ")
     ad.add_argument("--max-body-bytes", type=int, default=32 << 20)
     ad.set_defaults(func=cmd_adapter)
 
     qu = sub.add_parser("querier", help="run a querier: Prometheus API and remote read (cluster mode)")
-    common(qu)
+    common(qu, "the Prometheus API, /api/v1/read, ")
     qu.add_argument("--objstore.config-file", dest="objstore_config_file", help="bucket (Thanos objstore YAML)")
     qu.add_argument("--lookback-delta", dest="lookback_delta_ms", type=duration, default=300_000)
     qu.add_argument("--replica-timeout", type=float, default=10.0, help="seconds before trying another replica")
@@ -344,8 +349,15 @@ def configure(sub: argparse._SubParsersAction) -> None:
     clsub = cl.add_subparsers(dest="cluster_command", required=True)
     up = clsub.add_parser("up", help="start NATS, head replicas, adapter, querier and compactors")
     up.add_argument("--dir", default="./cluster", help="directory for data, logs and the topology")
-    up.add_argument("--shards", type=int, default=3)
-    up.add_argument("--replicas", type=int, default=3)
+    up.add_argument("--shards", type=int, default=3, help="number of shards (default 3)")
+    up.add_argument("--replicas", type=int, default=3, help="head replicas per shard (default 3)")
+    up.add_argument("--adapter-listen", default="127.0.0.1:9201",
+                    help="HOST:PORT of the adapter, Prometheus' remote_write URL (default 127.0.0.1:9201, "
+                         "as flashback up)")
+    up.add_argument("--querier-listen", default="127.0.0.1:9202",
+                    help="HOST:PORT of the querier, Grafana's data source and remote_read (default 127.0.0.1:9202)")
+    up.add_argument("--no-restart", action="store_true",
+                    help="leave a process that exits down (by default it is restarted, as Kubernetes would)")
 
     def cluster_up(a: argparse.Namespace) -> int:
         from flashback.launcher import run

@@ -118,16 +118,16 @@ class ShardedQuerier:
 def cluster_status(shards: Sequence[ShardReplicas], pool: ThreadPoolExecutor) -> list[dict]:
     """Every shard's replicas with their health and replication lag (``/api/v1/status/cluster``)."""
 
-    def one(name: str, client: ReplicaClient) -> dict:
+    def one(shard: str, name: str, client: ReplicaClient) -> dict:
         try:
             st = dict(client.status())
             st.update(name=name, healthy=True)
             return st
         except StorageError as e:
-            return {**dict.fromkeys(STATUS_FIELDS), "replica": name, "name": name, "ready": False,
+            return {**dict.fromkeys(STATUS_FIELDS), "shard": shard, "replica": name, "name": name, "ready": False,
                     "healthy": False, "error": str(e)}
 
-    futures = [[pool.submit(one, n, c) for n, c in s.replicas] for s in shards]
+    futures = [[pool.submit(one, s.name, n, c) for n, c in s.replicas] for s in shards]
     return [{"shard": s.name, "replicas": [f.result() for f in fs]} for s, fs in zip(shards, futures)]
 
 

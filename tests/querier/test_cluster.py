@@ -123,7 +123,7 @@ def test_a_shard_with_no_replica_fails_the_query_or_warns(pool):
     down = st[1]["replicas"][1]
     assert down["healthy"] is False and down["ready"] is False and "connection refused" in down["error"]
     # The same fields as a replica that answers (store.replica.HeadReplica.status), unknown ones null.
-    assert down["name"] == down["replica"] == "r1" and set(STATUS_FIELDS) <= set(down)
+    assert down["name"] == down["replica"] == "r1" and down["shard"] == "s1" and set(STATUS_FIELDS) <= set(down)
     assert down["lag"] is None and down["applied_seq"] is None
 
 
