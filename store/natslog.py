@@ -178,7 +178,8 @@ class NatsConnection:
             log.info("nats disconnected", extra={"client": self.name})
 
         async def on_reconnect() -> None:
-            log.info("nats reconnected", extra={"client": self.name, "server": str(self.nc.connected_url)})
+            url = self.nc.connected_url  # a urllib ParseResult
+            log.info("nats reconnected", extra={"client": self.name, "server": url.geturl() if url else None})
 
         try:
             # nats-py keeps retrying its first connection forever when reconnection is unlimited,
