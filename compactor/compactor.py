@@ -129,7 +129,7 @@ from store import ulid as ulids
 from store.block import BlockMeta, BlockReader, SeriesData, write_block
 from store.bucket import Bucket
 from store.catalog import BlockCatalog, CatalogBlock, delete_block, mark_for_deletion
-from store.errors import CorruptBlock
+from store.errors import CorruptBlock, StorageError
 from store.labels import Labels
 from store.matchers import Matcher, MatchType
 from store.storage import Querier, SelectHints
@@ -162,6 +162,15 @@ class CompactorError(Exception):
 
 class SourceError(CompactorError):
     """The source (head) failed while the compactor read a window from it; retried next pass."""
+
+
+def _says_what_failed(err: BaseException) -> bool:
+    """Whether the message of a failed pass says all there is (a storage error: a shard with no
+    replica up, an unreachable bucket, a corrupt block, also as the cause of a ``SourceError``):
+    a traceback is logged only for what nobody anticipated."""
+    if isinstance(err, SourceError):
+        err = err.__cause__ or err
+    return isinstance(err, StorageError)
 
 
 @dataclass(slots=True)
@@ -351,7 +360,7 @@ class Compactor:
                     result.downsampled += self._downsampler.run_once().written
             except Exception as err:
                 self._m_failures.labels(self._step).inc()
-                self._log.error("compactor pass failed", exc_info=True,
+                self._log.error("compactor pass failed", exc_info=not _says_what_failed(err),
                                 extra={"step": self._step, "error": f"{type(err).__name__}: {err}"})
                 raise
             finally:

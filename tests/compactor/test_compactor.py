@@ -22,7 +22,7 @@ from store import ulid as ulids
 from store.block import DATA_FILE, BlockReader, list_blocks, read_meta, verify_block, write_block
 from store.bucket import FilesystemBucket, bucket_from_config
 from store.catalog import BlockCatalog, read_deletion_mark
-from store.errors import BucketUnavailable, CorruptBlock
+from store.errors import BucketUnavailable, CorruptBlock, ReplicaUnavailable
 from store.labels import Labels
 from tests.compactor.compactor_helpers import (
     ANY, WINDOW, Clock, FaultyBucket, TruncatingSource, count, dataset, expected, make_head, read_live,
@@ -379,3 +379,23 @@ def test_against_seaweedfs():
             assert not again.written and not again.marked
         finally:
             s3.close()
+
+
+@pytest.mark.parametrize("error,traceback", [(ReplicaUnavailable("head replica 127.0.0.1:1: connection refused"), False),
+                                             (RuntimeError("injected source failure"), True)],
+                         ids=["storage-error", "unexpected"])
+def test_failed_pass_logs_a_traceback_only_for_the_unexpected(bucket, caplog, error, traceback):
+    """A source that cannot be reached (no replica of the shard up yet) is one log line that says
+    so; anything else comes with its traceback."""
+    source = TruncatingSource(make_head(dataset(2)))
+
+    def fail(matchers, mint, maxt, hints=None):
+        raise error
+
+    source.select = fail
+    c = compactor(source, bucket, Clock(5 * WINDOW))
+    with caplog.at_level(logging.ERROR), pytest.raises(SourceError):
+        c.run_once()
+    (rec,) = [r for r in caplog.records if r.getMessage() == "compactor pass failed"]
+    assert type(error).__name__ in rec.error
+    assert bool(rec.exc_info) == traceback
