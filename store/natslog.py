@@ -335,8 +335,8 @@ class NatsConnection:
             return
         try:
             self.run(self.nc.close(), 5.0, f"close NATS client {self.name}")
-        except WALError:
-            log.warning("nats close", extra={"client": self.name}, exc_info=True)
+        except WALError as e:  # the servers are gone: nothing to flush to
+            log.warning("nats close", extra={"client": self.name, "error": str(e)})
         finally:
             self._closed = True
             self._stop_loop()
@@ -353,6 +353,12 @@ class NatsConnection:
             else:
                 item.close()
                 fut.cancel()
+        try:
+            # nats-py leaves its subscriptions' tasks pending when it closes while reconnecting;
+            # ended here, they do not complain later about a closed loop.
+            asyncio.run_coroutine_threadsafe(_cancel_other_tasks(), self._loop).result(2.0)
+        except Exception:  # the loop is stuck or gone: stopping it is all that is left
+            log.debug("nats close: pending tasks", extra={"client": self.name}, exc_info=True)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         if not self._thread.is_alive():
@@ -891,6 +897,19 @@ class _Reader:
         except WALError:
             log.debug("consumer delete", extra={"stream": self.stream, "consumer": consumer}, exc_info=True)
         self._consumer = None
+
+
+async def _cancel_other_tasks() -> None:
+    """Cancels every other task of the running loop and waits (1 s at most) until they ended."""
+    me = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks() if t is not me]
+    for t in tasks:
+        t.cancel()
+    if tasks:
+        done, _ = await asyncio.wait(tasks, timeout=1.0)
+        for t in done:  # what they failed with while ending is no news: retrieved, not logged
+            if not t.cancelled():
+                t.exception()
 
 
 def _delivery(reply: str) -> tuple[int, int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import threading
 import time
@@ -362,6 +363,40 @@ def test_unavailable_when_all_servers_die_then_recovers(tmp_path):
             lg.close()
     finally:
         single.stop()
+
+
+def test_closing_while_the_servers_are_gone_leaves_no_task_behind(tmp_path, caplog):
+    """A replica stopped while NATS is down (its clients reconnecting, nats-py's close failing
+    half-way) ends every task of its connections' loops: none is left to be destroyed pending,
+    complaining about a closed loop, when the process exits."""
+    require_nats()
+    single = NatsCluster(str(tmp_path / "single"), size=1).start()
+    try:
+        lg = NatsLog(single.urls, "gone", replicas=1, timeout_s=1.5, attempt_timeout_s=0.5)
+        assert lg.append(b"one", msg_id="1") == 1
+        consumer = NatsConsumer(single.urls, "gone", "c", 1, timeout_s=2.0)
+        assert [s for s, _ in consumer.fetch(10, 5.0)] == [1]
+        single.kill(0)
+        time.sleep(1.0)  # both clients are reconnecting now
+
+        async def reset() -> None:  # as nats-py's close fails flushing to a server that is gone
+            raise ConnectionResetError(104, "Connection reset by peer")
+
+        connections = [consumer._client, lg._client]
+        for conn in connections:
+            conn.nc.close = reset
+        with caplog.at_level(logging.WARNING):
+            started = time.monotonic()
+            consumer.close()
+            lg.close()
+            assert time.monotonic() - started < 15
+    finally:
+        single.stop()
+    for conn in connections:
+        assert conn._loop.is_closed()
+        assert [t for t in asyncio.all_tasks(conn._loop) if not t.done()] == []
+    assert [r.getMessage() for r in caplog.records if r.name == "store.natslog"] == ["nats close", "nats close"]
+    assert not [r for r in caplog.records if r.name == "asyncio"]
 
 
 def test_stream_leader_killed_during_publishing(cluster, stream):
