@@ -129,7 +129,8 @@ def cmd_store(args: argparse.Namespace) -> int:
             registry = CollectorRegistry()  # the failed attempt registered its metrics
             time.sleep(1)
     service = HeadService(replica.head, lambda: dict(replica.status(), shard=shard.name), address=args.grpc_listen,
-                          ready=lambda: replica.ready, registry=registry, checkpoint=replica.serve_checkpoint)
+                          ready=lambda: replica.ready, registry=registry, checkpoint=replica.serve_checkpoint,
+                          changes=replica.changes)
     service.start()
     role = Role(f"store {shard.name}/{args.replica}", args.listen, registry, Router(), lambda: replica.ready)
 
@@ -171,7 +172,7 @@ def cmd_adapter(args: argparse.Namespace) -> int:
 def cmd_querier(args: argparse.Namespace) -> int:
     from adapter.remote_read import RemoteReadHandler
     from querier.api import QueryAPI, ServerInfo
-    from querier.cluster import PersistedHeads, ShardedQuerier
+    from querier.cluster import PersistedHeads, ReplicaChanges, ShardedQuerier
     from querier.engine import Engine
     from querier.frontend import AllChanges, BlockChanges, QueryFrontend
     from querier.tiered import BucketBlocks, TieredQuerier
@@ -200,10 +201,11 @@ def cmd_querier(args: argparse.Namespace) -> int:
     engine = Engine(lookback_delta_ms=args.lookback_delta_ms, delayed_name_removal=False)
     info = ServerInfo(config_yaml=open(args.topology).read(), flags={"topology": args.topology, "listen": args.listen},
                       start_time=time.time(), cwd=os.getcwd())
-    # The heads live in other processes: answers are cached only for ranges every shard's heads
-    # refuse writes to (before the persisted watermark), as long as the bucket's blocks there stay
-    # the same (querier/cluster.py PersistedHeads, querier/frontend.py).
-    feeds = [PersistedHeads(shards, pool)]
+    # The heads live in other processes: answers are kept while no record of the shards' logs
+    # wrote into the ranges they read (every replica answers by log sequence), ranges before the
+    # persisted watermark while the bucket's blocks there stay the same (querier/cluster.py
+    # ReplicaChanges and PersistedHeads, querier/frontend.py).
+    feeds = [ReplicaChanges(shards, pool, PersistedHeads(shards, pool))]
     if blocks is not None:
         feeds.append(BlockChanges(blocks.live))
     frontend = QueryFrontend(engine, changes=AllChanges(feeds), cache_bytes=args.results_cache_bytes,

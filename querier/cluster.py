@@ -35,6 +35,8 @@ class ReplicaClient(Querier, Protocol):
 
     def status(self) -> dict: ...
 
+    def changes(self, ranges: Sequence[tuple[int, int]]) -> tuple[int, int]: ...
+
 
 class ShardReplicas:
     """The replicas of one shard, with the memory of which answered last and which failed."""
@@ -50,6 +52,8 @@ class ShardReplicas:
         self._lock = threading.Lock()
         self._preferred = 0
         self._failed_until: dict[int, float] = {}
+        self._serial = 0  # numbers the calls made to replicas
+        self._served: dict[str, int] = {}  # replica -> serial of the latest call it answered
 
     def _order(self) -> list[int]:
         now = self._clock()
@@ -65,6 +69,9 @@ class ShardReplicas:
         errors = []
         for i in self._order():
             name, client = self.replicas[i]
+            with self._lock:
+                self._serial += 1
+                serial = self._serial
             try:
                 out = fn(client)
             except ReplicaError as e:  # not e.g. InvalidMatcher: another replica would say the same
@@ -77,8 +84,20 @@ class ShardReplicas:
             with self._lock:
                 self._preferred = i
                 self._failed_until.pop(i, None)
+                self._served[name] = max(self._served.get(name, 0), serial)
             return out
         raise ShardUnavailable(f"shard {self.name}: no replica answered ({'; '.join(errors)})")
+
+    @property
+    def serial(self) -> int:
+        """The number of the latest call made (``served_since`` counts calls after it)."""
+        with self._lock:
+            return self._serial
+
+    def served_since(self, serial: int) -> set[str]:
+        """Replicas that answered a call made after call number ``serial``."""
+        with self._lock:
+            return {name for name, s in self._served.items() if s > serial}
 
 
 class ShardedQuerier:
@@ -182,3 +201,66 @@ class PersistedHeads:
             self._cached = (now, lowest)
         return lowest
 
+
+
+class ReplicaChanges:
+    """``ChangeFeed`` (querier/frontend.py) of head replicas in other processes, by log sequence:
+    answers over the head's recent days are kept as long as no record wrote into the ranges they
+    read, as the single node keeps them (``store.changes``).
+
+    Every replica of a shard applies the same records, numbered by their log sequence, and
+    answers ``changes(ranges)`` with its applied sequence and the highest sequence that wrote into
+    the ranges (``store.headrpc``'s ``Changes``; a replica restarted from a checkpoint at C
+    answers at least C).
+
+    ``token`` asks every replica: per shard, the lowest applied sequence T among those that
+    answer, their names, and the number of the shard's latest call. An evaluation that follows
+    reads each shard from one of its replicas; one that answered here had applied T or more, so
+    the answer holds every record up to T. ``changed`` says changed if a replica that did not
+    answer here (down, restarting, behind a lost connection) answered a call since, if a replica
+    of the shard wrote into the ranges after T, or if no replica of a shard answers; so a replica
+    that came back with less applied cannot leave a stale answer behind. Ranges wholly before every
+    shard's persisted watermark are left to ``persisted`` (they change only in the bucket).
+    """
+
+    def __init__(self, shards: Sequence[ShardReplicas], pool: ThreadPoolExecutor,
+                 persisted: PersistedHeads | None = None) -> None:
+        self._shards = list(shards)
+        self._pool = pool
+        self._persisted = persisted
+
+    def _ask(self, ranges: Sequence[tuple[int, int]]) -> list[dict[str, tuple[int, int]]]:
+        """Per shard, the ``changes`` answer of every replica that answers."""
+        def one(client: ReplicaClient) -> tuple[int, int] | None:
+            try:
+                return client.changes(ranges)
+            except StorageError:
+                return None
+
+        futures = [[(name, self._pool.submit(one, c)) for name, c in s.replicas] for s in self._shards]
+        out = []
+        for fs in futures:
+            answers = {name: f.result() for name, f in fs}
+            out.append({name: a for name, a in answers.items() if a is not None})
+        return out
+
+    def token(self) -> tuple | None:
+        serials = [s.serial for s in self._shards]
+        token = []
+        for answers, serial in zip(self._ask(()), serials):
+            if not answers:
+                return None  # a shard nobody answers for: nothing evaluated now may be kept
+            token.append((min(applied for applied, _ in answers.values()), frozenset(answers), serial))
+        return tuple(token)
+
+    def changed(self, token: object, ranges: Sequence[tuple[int, int]]) -> bool:
+        if token is None:
+            return True
+        if self._persisted is not None and not self._persisted.changed(None, ranges):
+            return False  # before every shard's persisted watermark: the heads no longer change there
+        for shard, answers, (applied, names, serial) in zip(self._shards, self._ask(ranges), token):  # type: ignore[misc]
+            if not answers or not shard.served_since(serial) <= names:
+                return True
+            if max(last for _, last in answers.values()) > applied:
+                return True
+        return False

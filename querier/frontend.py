@@ -29,8 +29,8 @@ range invalidates exactly the answers that read it; for the bucket, the set of b
 those ranges must be unchanged (a new, compacted or deleted block invalidates them). Answers with
 storage warnings (a partial response) are not cached. Without a change feed nothing is cached;
 splitting and deduplication still apply. A querier of a cluster, whose heads live in other
-processes, uses ``querier.cluster.PersistedHeads``: only ranges before every shard's persisted
-watermark, where the heads refuse writes, count as unchanged.
+processes, uses ``querier.cluster.ReplicaChanges``: the replicas' change trackers count in log
+sequences, the same on every replica of a shard.
 
 Identical work at once
 ----------------------

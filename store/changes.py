@@ -8,6 +8,11 @@ its answer while ``last_change`` over those ranges is still at most that sequenc
 a range invalidates exactly the answers that read that range (to the bucket's resolution; a batch
 marks every bucket between its oldest and newest sample).
 
+A head replica of a cluster numbers its batches by the log sequence of the record that wrote
+them (``record(..., seq=)``), which is the same on every replica of the shard, and after a
+restart from a checkpoint at sequence C knows nothing of earlier batches: ``floor = C`` makes
+every range count as changed by C at least.
+
 The buckets form one array over the time span seen so far, growing at either end up to
 ``max_buckets``. Past that the oldest buckets are folded into the first one, which then stands for
 everything before it (answers over those old ranges are invalidated more often, never less).
@@ -29,6 +34,7 @@ class ChangeTracker:
         self.max_buckets = max_buckets
         self._lock = threading.Lock()
         self._seq = 0
+        self.floor = 0  # every range changed at least this late (batches before it are unknown)
         self._base = 0  # bucket number of _last[0]
         self._last = np.zeros(0, dtype=np.int64)
         self._folded = False  # _last[0] also stands for every bucket before it
@@ -38,30 +44,34 @@ class ChangeTracker:
         """The sequence of the latest recorded batch (0 before the first)."""
         return self._seq
 
-    def record(self, mint: int, maxt: int) -> None:
+    def record(self, mint: int, maxt: int, seq: int | None = None) -> None:
         """Marks the buckets of one batch of appended samples, whose timestamps (ms) span
-        ``[mint, maxt]``: every bucket in between (marking too much is safe, only less cached)."""
+        ``[mint, maxt]``: every bucket in between (marking too much is safe, only less cached).
+        The batch gets sequence ``seq`` (increasing from call to call), by default the next."""
         r = self.resolution_ms
         lo, hi = mint // r, maxt // r
         with self._lock:
+            if seq is not None and seq <= self._seq:
+                raise ValueError(f"change sequence {seq} after {self._seq}: sequences increase")
             self._cover(lo, hi)
-            self._seq += 1
+            self._seq = self._seq + 1 if seq is None else seq
             if lo < self._base:
                 self._folded = True
             a, b = self._clamp(lo), self._clamp(hi)
             self._last[a:b + 1] = self._seq
 
     def last_change(self, mint: int, maxt: int) -> int:
-        """The sequence of the latest batch that wrote into ``[mint, maxt]`` (ms); 0 if none did."""
+        """The sequence of the latest batch that wrote into ``[mint, maxt]`` (ms); ``floor`` (0
+        by default) if none did since."""
         r = self.resolution_ms
         with self._lock:
             n = len(self._last)
             lo, hi = mint // r - self._base, maxt // r - self._base
             if n == 0 or maxt < mint or lo >= n:
-                return 0
+                return self.floor
             if hi < 0:
-                return int(self._last[0]) if self._folded else 0
-            return int(self._last[max(lo, 0):hi + 1].max())
+                return max(self.floor, int(self._last[0])) if self._folded else self.floor
+            return max(self.floor, int(self._last[max(lo, 0):hi + 1].max()))
 
     def _clamp(self, bucket: int) -> int:
         return min(max(bucket - self._base, 0), len(self._last) - 1)

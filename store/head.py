@@ -205,13 +205,15 @@ class Head:
 
     # ---- appending ---------------------------------------------------------
 
-    def append(self, req: WriteRequest, now_ms: int) -> AppendResult:
-        """Applies a decoded request; deterministic given the head's state and ``now_ms``."""
+    def append(self, req: WriteRequest, now_ms: int, change_seq: int | None = None) -> AppendResult:
+        """Applies a decoded request; deterministic given the head's state and ``now_ms``.
+        ``change_seq``: the sequence ``changes`` records the request's samples under (a head
+        replica's log sequence), by default the tracker's next."""
         result = AppendResult()
         with self._lock:
             bounds = self._bounds(now_ms)
             refs = self._resolve(req, result, bounds)
-            self._append_samples(req, refs, bounds, result)
+            self._append_samples(req, refs, bounds, result, change_seq)
         if self._m_appended is not None:
             self._m_appended.inc(result.appended)
             for reason, (n, _) in result.rejected.items():
@@ -348,7 +350,7 @@ class Head:
         self._table = table
 
     def _append_samples(self, req: WriteRequest, refs: np.ndarray, bounds: tuple[int, int],
-                        result: AppendResult) -> None:
+                        result: AppendResult, change_seq: int | None = None) -> None:
         n = req.num_samples
         if n == 0:
             return
@@ -371,7 +373,7 @@ class Head:
         result.appended = appended
         if appended:
             self._max_t = max(self._max_t, hi)
-            self.changes.record(lo, hi)
+            self.changes.record(lo, hi, change_seq)
         if appended == n:
             return
         not_created = srefs == _NOT_CREATED

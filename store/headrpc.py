@@ -332,6 +332,35 @@ def decode_checkpoint_batch(data: bytes) -> tuple[int, bool, list[tuple[bytes, b
     return seq, bool(last), items
 
 
+def encode_changes_request(ranges: Sequence[tuple[int, int]]) -> bytes:
+    """A ``Changes`` request: the time ranges (ms, inclusive) whose last change is asked for."""
+    return _U8.pack(VERSION) + _U32.pack(len(ranges)) + b"".join(_range(a, b) for a, b in ranges)
+
+
+def decode_changes_request(data: bytes) -> list[tuple[int, int]]:
+    r = _Reader(data, "changes request")
+    n = r.u32()
+    ranges = [r.unpack(_RANGE) for _ in range(n)]
+    r.end()
+    return ranges
+
+
+_CHANGES = struct.Struct("<qq")  # applied sequence, last change
+
+
+def encode_changes(applied: int, last_change: int) -> bytes:
+    """A ``Changes`` response: the replica's applied log sequence and the highest log sequence
+    that wrote into any of the ranges asked about."""
+    return _U8.pack(VERSION) + _CHANGES.pack(applied, last_change)
+
+
+def decode_changes(data: bytes) -> tuple[int, int]:
+    r = _Reader(data, "changes")
+    applied, last = r.unpack(_CHANGES)
+    r.end()
+    return applied, last
+
+
 # The fields of a head replica's status (``store.replica.HeadReplica.status``); a querier or
 # adapter reports a replica it cannot reach with the same fields, unknown ones null.
 STATUS_FIELDS = ("stream", "replica", "applied_seq", "checkpoint_seq", "stream_first_seq", "stream_last_seq",
@@ -387,6 +416,9 @@ class HeadService:
         checkpoint: the replica's latest durable checkpoint, ``(stream sequence, items)``,
             served by ``Checkpoint`` to a peer that lost its own (answered whether or not
             the replica is ready); without it ``Checkpoint`` is not served.
+        changes: ``(applied log sequence, highest log sequence that wrote into any of the
+            ranges)`` for ``Changes`` (a querier's results cache; answered whether or not the
+            replica is ready); without it ``Changes`` is not served.
 
     ``start`` binds and serves; ``close`` stops, letting running calls finish for ``grace_s``.
     """
@@ -394,9 +426,11 @@ class HeadService:
     def __init__(self, querier: Querier, status: Callable[[], dict], *, address: str,
                  registry: CollectorRegistry | None = None, ready: Callable[[], bool] | None = None,
                  workers: int = 8, batch_bytes: int = BATCH_BYTES,
-                 checkpoint: Callable[[], tuple[int, Iterable[tuple[bytes, bytes]]]] | None = None) -> None:
+                 checkpoint: Callable[[], tuple[int, Iterable[tuple[bytes, bytes]]]] | None = None,
+                 changes: Callable[[Sequence[tuple[int, int]]], tuple[int, int]] | None = None) -> None:
         self._querier = querier
         self._checkpoint = checkpoint
+        self._changes = changes
         self._ready = ready
         self._batch_bytes = batch_bytes
         self._status = status
@@ -429,6 +463,8 @@ class HeadService:
             "Status": grpc.unary_unary_rpc_method_handler(self._wrap_unary("Status", self._status_call)),
             **({"Checkpoint": grpc.unary_stream_rpc_method_handler(
                 self._wrap_stream("Checkpoint", self._checkpoint_call))} if self._checkpoint else {}),
+            **({"Changes": grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary("Changes", self._changes_call))} if self._changes else {}),
         })
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="headrpc"),
@@ -500,6 +536,10 @@ class HeadService:
         assert self._checkpoint is not None
         seq, items = self._checkpoint()
         return encode_checkpoint_batches(seq, items, batch_bytes=self._batch_bytes)
+
+    def _changes_call(self, request: bytes) -> bytes:
+        assert self._changes is not None
+        return encode_changes(*self._changes(decode_changes_request(request)))
 
     def _status_call(self, request: bytes) -> bytes:
         _Reader(request, "status request").end()
@@ -619,6 +659,7 @@ class RemoteHead:
         self._label_values_rpc = stream(f"/{SERVICE}/LabelValues")
         self._status_rpc = self._channel.unary_unary(f"/{SERVICE}/Status")
         self._checkpoint_rpc = stream(f"/{SERVICE}/Checkpoint")
+        self._changes_rpc = self._channel.unary_unary(f"/{SERVICE}/Changes")
 
     def close(self) -> None:
         self._channel.close()
@@ -667,6 +708,16 @@ class RemoteHead:
         except grpc.RpcError as e:
             raise self._error("Status", e) from None
         return decode_status(msg)
+
+    def changes(self, ranges: Sequence[tuple[int, int]]) -> tuple[int, int]:
+        """``(applied log sequence, highest log sequence that wrote into any of ranges)`` of the
+        replica (answers while not ready too)."""
+        req = encode_changes_request([(_clamp(a), _clamp(b)) for a, b in ranges])
+        try:
+            msg = self._changes_rpc(req, timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            raise self._error("Changes", e) from None
+        return decode_changes(msg)
 
     def checkpoint(self, timeout_s: float = 600.0) -> tuple[int, Iterator[tuple[bytes, bytes]]]:
         """The replica's latest durable checkpoint: ``(stream sequence, items)``.

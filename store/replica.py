@@ -386,6 +386,9 @@ class HeadReplica:
             seq, items = self._bootstrap(seq, state)
         self._head = Head(self.head_options, registry=registry)
         self._head.load_checkpoint(self._head_items(seq, items))
+        # The head's change tracker counts in log sequences, as on every replica of the shard;
+        # what the records up to the checkpoint changed is not known here (store.changes).
+        self._head.changes.floor = seq
         meta = self._meta
         if meta is not None:
             self._head.set_min_valid_time(meta.persisted_through_ms)
@@ -599,7 +602,7 @@ class HeadReplica:
             req = None
         with self._apply_lock:
             if req is not None:
-                self._head.append(req, now_ms)
+                self._head.append(req, now_ms, change_seq=seq)
                 if now_ms > self._clock_ms:
                     self._clock_ms = now_ms
                     self._truncate_expired(seq)
@@ -813,6 +816,14 @@ class HeadReplica:
                 if remaining <= 0:
                     return False
                 self._changed.wait(remaining)
+
+    def changes(self, ranges: Sequence[tuple[int, int]]) -> tuple[int, int]:
+        """``(applied log sequence, highest log sequence that wrote into any of ranges)``, taken
+        together: what a querier keeps cached answers by (``store.headrpc``'s ``Changes``)."""
+        with self._apply_lock:
+            tracker = self._head.changes
+            last = max((tracker.last_change(a, b) for a, b in ranges), default=tracker.floor)
+            return self._applied, last
 
     def status(self) -> dict[str, Any]:
         """The replica's state for the gRPC ``Status`` call and ``/api/v1/status/cluster``."""

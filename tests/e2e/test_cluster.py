@@ -120,6 +120,37 @@ def test_cluster_answers_like_a_single_node(cluster, tmp_path):
         single.stop()
 
 
+def test_querier_caches_head_answers_until_a_late_write_into_their_range(cluster):
+    """A range query over the heads' recent data is answered from the querier's results cache
+    the second time, and a sample written late into that range (a new series) shows at once:
+    the replicas tell the querier, by log sequence, which records wrote where."""
+    t0 = (int(time.time()) - 1200) * 1000
+    labels = [("__name__", "cache_metric"), ("job", "cluster")]
+    body = prompb_ref.write_request([(labels + [("instance", "a")], [(t0 + 15_000 * k, 1.0) for k in range(40)])])
+    assert remote_write(_adapter_port(cluster), body)[0] == 204
+    params = {"query": "count(cache_metric)", "start": t0 / 1000, "end": (t0 + 600_000) / 1000, "step": 60}
+    querier = cluster.processes["querier"].http
+    cached = 'flashback_query_frontend_splits_total{source="cache"}'
+
+    def values() -> list:
+        result = get_json(_querier_port(cluster), "/api/v1/query_range", params)["data"]["result"]
+        return [v for _, v in result[0]["values"]] if result else []
+
+    def hits() -> float:  # the label appears with the first hit
+        try:
+            return _metric(querier, cached)
+        except AssertionError:
+            return 0.0
+
+    wait_until(lambda: values() == ["1"] * 11, 30, "the series to be queryable")
+    before = hits()
+    assert values() == ["1"] * 11
+    assert hits() > before  # the second time from the cache
+    late = prompb_ref.write_request([(labels + [("instance", "late")], [(t0 + 90_000, 1.0)])])
+    assert remote_write(_adapter_port(cluster), late)[0] == 204
+    wait_until(lambda: values() == ["1", "1"] + ["2"] * 5 + ["1"] * 4, 30, "the late sample in the answer")
+
+
 class _Load:
     """Writers sending fresh samples for their own series, as Prometheus would: on a failed
     request the same samples again. Every request is logged (writer, sample timestamp, series,

@@ -206,3 +206,116 @@ def test_cluster_front_caches_days_before_the_watermark_and_evaluates_the_rest(p
     blocks.append(("B", t0 + 2 * 3600_000, t0 + 6 * 3600_000))  # e.g. a backfilled block early in day 1
     front.range(querier, expr, t0, t0 + 3 * day - 1, 3600_000)
     assert len(calls) == 6  # day 1 (its blocks changed) and day 3
+
+
+# ---- ReplicaChanges: answers over the heads' recent days, kept by log sequence -----------------
+
+class LogReplica(Replica):
+    """A replica applying numbered log records to its head, its change tracker counting in log
+    sequences (as store.replica.HeadReplica does); ``changes`` answers as its Changes call."""
+
+    def __init__(self, name: str, floor: int = 0) -> None:
+        super().__init__(Head(HeadOptions(out_of_bounds_window_ms=2**62, max_ahead_ms=2**62)), name)
+        self.applied = self.head.changes.floor = floor
+
+    def apply(self, seq: int, series) -> None:
+        self.head.append(decode(encode(series)), 10_000, change_seq=seq)
+        self.applied = seq
+
+    def changes(self, ranges):
+        self._check()
+        t = self.head.changes
+        return self.applied, max((t.last_change(a, b) for a, b in ranges), default=t.floor)
+
+
+def _log_cluster():
+    """One shard, two replicas, three records (seq 1-3) of series m{i=0..2} at t = 0..9 s."""
+    reps = [LogReplica("r0"), LogReplica("r1")]
+    for seq in (1, 2, 3):
+        for r in reps:
+            r.apply(seq, [([("__name__", "m"), ("i", str(seq - 1))], [(1000 * t, 1.0) for t in range(10)])])
+    return reps, [ShardReplicas("s0", [(r.name, r) for r in reps])]
+
+
+def _front(shards, pool, before_evaluation=lambda: None):
+    """``query()``: ``sum(m)`` from 0 to 60 s in 10 s steps through a front keeping answers by
+    ``ReplicaChanges``; ``calls`` counts evaluations."""
+    from querier.cluster import ReplicaChanges
+    from querier.frontend import QueryFrontend
+
+    front = QueryFrontend(Engine(), changes=ReplicaChanges(shards, pool))
+    calls = []
+
+    def querier():  # made after the front took its token
+        calls.append(1)
+        before_evaluation()
+        return ShardedQuerier(shards, pool)
+
+    def query():
+        (series,) = front.range(querier, "sum(m)", 0, 60_000, 10_000).data
+        return series.values.tolist()
+
+    return query, calls
+
+
+THREE = [3.0] * 7
+
+
+def test_replica_changes_keep_answers_until_a_record_writes_into_their_ranges(pool):
+    reps, shards = _log_cluster()
+    query, calls = _front(shards, pool)
+    assert query() == THREE
+    assert query() == THREE and len(calls) == 1  # from the cache
+    for r in reps:  # a record far outside the range read: still cached
+        r.apply(4, [([("__name__", "other")], [(10**9, 1.0)])])
+    assert query() == THREE and len(calls) == 1
+    for r in reps:  # a late record into the range: evaluated again
+        r.apply(5, [([("__name__", "m"), ("i", "new")], [(5000, 1.0)])])
+    assert query() == [3.0] + [4.0] * 6 and len(calls) == 2
+    assert query() == [3.0] + [4.0] * 6 and len(calls) == 2
+
+
+def test_replica_changes_do_not_keep_what_a_replica_that_came_back_behind_answered(pool):
+    """r1 is down when the front takes its token, comes back having applied less than r0 (as a
+    replica restarted from an older checkpoint) and answers the evaluation, r0 being down by
+    then: that answer is not kept, so it is not served once r1 caught up."""
+    reps, shards = _log_cluster()
+    r0, r1 = reps
+    behind = LogReplica("r1")
+    for seq in (1, 2):
+        behind.apply(seq, [([("__name__", "m"), ("i", str(seq - 1))], [(1000 * t, 1.0) for t in range(10)])])
+    shards[0].replicas[1] = ("r1", behind)
+    behind.down = True
+    flip = [True]
+
+    def r1_comes_back_r0_goes():
+        if flip[0]:
+            r0.down, behind.down = True, False
+
+    query, calls = _front(shards, pool, r1_comes_back_r0_goes)
+    assert query() == [2.0] * 7  # r1's answer, behind
+    flip[0] = False
+    behind.apply(3, [([("__name__", "m"), ("i", "2")], [(1000 * t, 1.0) for t in range(10)])])
+    assert query() == THREE and len(calls) == 2  # evaluated again, not r1's old answer
+
+
+def test_replica_changes_keep_nothing_while_a_shard_has_no_replica(pool):
+    from querier.cluster import ReplicaChanges
+
+    reps, shards = _log_cluster()
+    for r in reps:
+        r.down = True
+    feed = ReplicaChanges(shards, pool)
+    assert feed.token() is None and feed.changed(None, [(0, 1)])
+
+
+def test_replica_changes_after_a_restart_count_everything_up_to_the_checkpoint_as_changed(pool):
+    reps, shards = _log_cluster()
+    query, calls = _front(shards, pool)
+    assert query() == THREE and query() == THREE and len(calls) == 1
+    # Both replicas restarted from a checkpoint at 7 (records 4-7 went elsewhere in time): they
+    # cannot tell what those wrote, so the cached answer counts as changed.
+    for r in reps:
+        r.head.changes.floor = r.applied = 7
+    assert query() == THREE and len(calls) == 2
+    assert query() == THREE and len(calls) == 2  # kept again, at 7

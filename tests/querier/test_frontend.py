@@ -461,6 +461,23 @@ def test_change_tracker_marks_buckets_and_folds_the_oldest():
     assert c.last_change(3_001_000, 3_500_000) == 0
 
 
+def test_change_tracker_counts_in_given_sequences_above_a_floor():
+    """A head replica numbers batches by log sequence and, restarted from a checkpoint at 40,
+    answers at least 40 for any range: what records up to 40 wrote is not known to it."""
+    c = ChangeTracker(resolution_ms=1000)
+    c.floor = 40
+    assert c.last_change(0, 10**9) == 40  # nothing recorded yet: the floor
+    c.record(5_000, 5_000, seq=41)
+    c.record(9_000, 9_500, seq=47)  # records 42-46 appended nothing
+    assert c.seq == 47
+    assert c.last_change(5_000, 5_999) == 41 and c.last_change(9_000, 9_000) == 47
+    assert c.last_change(6_000, 8_999) == 40 and c.last_change(-10**9, -1) == 40
+    c.record(5_500, 5_500)  # without a sequence: the next
+    assert c.last_change(5_000, 5_999) == 48
+    with pytest.raises(ValueError, match="change sequence 48 after 48"):
+        c.record(0, 0, seq=48)
+
+
 @pytest.mark.parametrize("batches", [
     [(0, 2), (14, 14)],                       # a jump past the whole array: nothing old is kept
     [(100, 100), (0, 0), (5000, 5000)],       # growing down, then a jump up

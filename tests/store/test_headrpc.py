@@ -288,13 +288,15 @@ def test_bad_regex_is_invalid_argument(remote):
         remote.label_values("job", [RawMatcher(MatchType.NRE, "job", "[z-a]")], MIN, MAX)
 
 
-def _raw_call(port: int, method: str, request: bytes):
+def _raw_call(port: int, method: str, request: bytes, unary: bool = False):
     import grpc
 
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-        call = ch.unary_stream(f"/{headrpc.SERVICE}/{method}")(request, timeout=5)
         with pytest.raises(grpc.RpcError) as e:
-            list(call)
+            if unary:
+                ch.unary_unary(f"/{headrpc.SERVICE}/{method}")(request, timeout=5)
+            else:
+                list(ch.unary_stream(f"/{headrpc.SERVICE}/{method}")(request, timeout=5))
         return e.value
 
 
@@ -323,6 +325,58 @@ def test_not_ready_is_unavailable_but_status_answers(head):
         assert client.status() == status
         status["ready"] = True
         assert len(client.select([_eq("job", "db")], MIN, MAX)) == 20
+
+
+def test_changes_answers_applied_and_last_change_over_the_ranges_even_when_not_ready(head):
+    from store.changes import ChangeTracker
+
+    tracker = ChangeTracker(resolution_ms=1000)
+    tracker.floor = 3
+    tracker.record(10_000, 10_000, seq=5)
+    tracker.record(50_000, 60_000, seq=9)
+    asked = []
+
+    def changes(ranges):
+        asked.append(list(ranges))
+        return 9, max((tracker.last_change(a, b) for a, b in ranges), default=tracker.floor)
+
+    with HeadService(head, lambda: {"ready": False}, address="127.0.0.1:0", changes=changes) as svc, \
+            RemoteHead(f"127.0.0.1:{svc.port}") as client:
+        assert client.changes([(0, 1_000), (10_000, 10_999)]) == (9, 5)
+        assert client.changes([(0, 1_000)]) == (9, 3)  # the floor
+        assert client.changes([(0, 1_000), (55_000, MAX)]) == (9, 9)
+        assert client.changes([]) == (9, 3)
+    assert asked[-2] == [(0, 1_000), (55_000, MAX)] and asked[-1] == []
+
+
+def test_changes_not_served_without_a_callable(remote):
+    with pytest.raises(ReplicaError, match="Changes on head replica .*UNIMPLEMENTED"):
+        remote.changes([(0, 1)])
+
+
+@pytest.mark.parametrize("request_bytes,kind", [
+    pytest.param(b"", "DecodeError", id="empty"),
+    pytest.param(b"\x02" + bytes(4), "UnsupportedVersion", id="version-2"),
+    pytest.param(headrpc.encode_changes_request([(0, 1), (2, 3)])[:-1], "DecodeError", id="truncated"),
+    pytest.param(headrpc.encode_changes_request([(0, 1)]) + b"x", "DecodeError", id="trailing-bytes"),
+])
+def test_undecodable_changes_requests_are_invalid_argument(head, request_bytes, kind):
+    import grpc
+
+    with HeadService(head, lambda: {"ready": True}, address="127.0.0.1:0", changes=lambda r: (0, 0)) as svc:
+        err = _raw_call(svc.port, "Changes", request_bytes, unary=True)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(err.trailing_metadata())[headrpc.ERROR_KEY] == kind
+
+
+def test_changes_codec_round_trip_and_damage():
+    assert headrpc.decode_changes_request(headrpc.encode_changes_request([(MIN, MAX), (5, 6)])) == [(MIN, MAX), (5, 6)]
+    assert headrpc.decode_changes_request(headrpc.encode_changes_request([])) == []
+    assert headrpc.decode_changes(headrpc.encode_changes(7, 3)) == (7, 3)
+    with pytest.raises(DecodeError):
+        headrpc.decode_changes(headrpc.encode_changes(7, 3)[:-1])
+    with pytest.raises(UnsupportedVersion):
+        headrpc.decode_changes(b"\x09" + bytes(16))
 
 
 def test_ready_callable_decides_readiness(head):

@@ -206,6 +206,14 @@ def test_restart_loads_checkpoint_and_replays_the_rest(cluster, nlog, stream, tm
         assert r.wait_ready(60)
         assert r.applied_seq == 50 and r.lag == 0
         assert metric(reg, "flashback_replica_records_applied_total") == 20  # only the rest was replayed
+        # Changes count in log sequences; what records 1-30 (the checkpoint) wrote is not known:
+        # every range answers 30 at least. Record k is sequence k + 1 and spans 10 s from
+        # T0 + 10 s * k (60 s buckets hold several records).
+        far = T0 + 10**12
+        assert r.changes([]) == (50, 30) and r.changes([(far, far)]) == (50, 30)
+        assert r.changes([(T0 - 10**9, T0 - 1)]) == (50, 30)
+        applied, last = r.changes([(T0 + 450_000, T0 + 459_000)])  # record 45, sequence 46
+        assert applied == 50 and 46 <= last <= 50
         assert dump(r.head) == dump(reference(stream_records(nlog)))
         last = publish(nlog, range(50, 60))[-1]
         wait_applied([r], last)
