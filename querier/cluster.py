@@ -159,8 +159,8 @@ class PersistedHeads:
 
     A replica refuses samples older than its minimum valid time (the compactor's newest persisted
     watermark, applied at the same log record on every replica), so data before it can only
-    change in the bucket, which ``BlockChanges`` watches. Everything newer counts as changed:
-    recent days are evaluated every time, older ones are cached. The watermark is the lowest over
+    change in the bucket, which ``BlockChanges`` watches. Everything newer counts as changed
+    (``ReplicaChanges`` asks the replicas about those ranges). The watermark is the lowest over
     every shard's ready replicas (the replicas queries are read from); it is asked at most every
     ``ttl_s``, and a stale watermark is only lower, which keeps fewer answers, never a wrong one.
     ``None`` (a shard with no ready replica answering) keeps nothing.
@@ -200,7 +200,6 @@ class PersistedHeads:
         with self._lock:
             self._cached = (now, lowest)
         return lowest
-
 
 
 class ReplicaChanges:
