@@ -292,14 +292,14 @@ def configure(sub: argparse._SubParsersAction) -> None:
             raise argparse.ArgumentTypeError(f"{v!r}: window counts start with 1, each a multiple of the one before")
         return out
 
-    def common(p: argparse.ArgumentParser, api: str = "") -> None:
+    def common(p: argparse.ArgumentParser, api: str = "", listen_default: str | None = None) -> None:
         p.add_argument("--topology", required=True, help="cluster topology file (store/docs/format/topology.md)")
-        p.add_argument("--listen", required=True, help=f"HOST:PORT of {api}/metrics, /-/healthy and /-/ready")
+        p.add_argument("--listen", required=listen_default is None,
+                       help=f"HOST:PORT of {api}/metrics, /-/healthy and /-/ready"
+                            + (f" (default: {listen_default})" if listen_default else ""))
 
     st = sub.add_parser("store", help="run one head replica of a shard (cluster mode)")
-    st.add_argument("--topology", required=True, help="cluster topology file (store/docs/format/topology.md)")
-    st.add_argument("--listen", help="HOST:PORT of /metrics, /-/healthy and /-/ready (default: the replica's http "
-                                     "address in the topology)")
+    common(st, listen_default="the replica's http address in the topology")
     st.add_argument("--shard", required=True)
     st.add_argument("--replica", required=True, help="this replica's name in the topology")
     st.add_argument("--data-dir", required=True, help="where the replica keeps its head checkpoints")

@@ -102,6 +102,44 @@ def test_cluster_up_restarts_what_is_killed_and_stops_everything(tmp_path):
             proc.wait()
 
 
+def test_no_restart_leaves_a_killed_replica_down_and_the_readme_command_runs_it(tmp_path):
+    """With --no-restart a killed replica is reported and left down; the README's command,
+    without --listen/--grpc-listen, runs it again where the topology says."""
+    adapter, querier = (f"127.0.0.1:{p}" for p in _free_ports(2))
+    cdir = tmp_path / "c"
+    proc = subprocess.Popen([sys.executable, "-m", "flashback", "cluster", "up", "--dir", str(cdir), "--shards", "1",
+                             "--replicas", "1", "--adapter-listen", adapter, "--querier-listen", querier,
+                             "--no-restart"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = _Lines(proc.stdout), _Lines(proc.stderr)
+    by_hand = None
+    try:
+        wait_until(lambda: "Ctrl-C stops everything" in err.text() or proc.poll() is not None, 180,
+                   "cluster up to start")
+        assert proc.poll() is None, err.text()
+        assert "restarted" not in err.text()
+        with open(cdir / "topology.yml") as f:
+            replica_http = yaml.safe_load(f)["shards"][0]["replicas"][0]["http"]
+        (store,) = [p for p, cmd in _children(proc.pid).items() if " store " in cmd]
+        os.kill(store, signal.SIGKILL)
+        wait_until(lambda: "store-shard-0-r0 exited with code -9" in err.text(), 30, "the exit to be reported")
+        time.sleep(3)
+        assert "store-shard-0-r0 restarted" not in err.text() and not _ready(replica_http)
+
+        by_hand = subprocess.Popen([sys.executable, "-m", "flashback", "store", "--topology", str(cdir / "topology.yml"),
+                                    "--shard", "shard-0", "--replica", "r0", "--data-dir", str(cdir / "store-shard-0-r0")],
+                                   cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: _ready(replica_http), 60, "the replica run by hand to be ready")
+    finally:
+        for p in (by_hand, proc):
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGINT if p is proc else signal.SIGTERM)
+                try:
+                    p.wait(120)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+
+
 def test_cluster_up_refuses_an_address_in_use(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
