@@ -35,7 +35,7 @@ class ReplicaClient(Querier, Protocol):
 
     def status(self) -> dict: ...
 
-    def changes(self, ranges: Sequence[tuple[int, int]]) -> tuple[int, int]: ...
+    def changes(self, ranges: Sequence[tuple[int, int]], timeout_s: float | None = None) -> tuple[int, int]: ...
 
 
 class ShardReplicas:
@@ -66,6 +66,11 @@ class ShardReplicas:
 
     def call(self, fn: Callable[[ReplicaClient], object]) -> object:
         """``fn`` on one replica, falling back to the others in turn."""
+        return self.call_named(fn)[1]
+
+    def call_named(self, fn: Callable[[ReplicaClient], object], *, serves: bool = True) -> tuple[str, object]:
+        """``(replica name, fn's result)`` of the replica that answered, as ``call``. ``serves``
+        False: the call reads no data (``served_since`` does not count it)."""
         errors = []
         for i in self._order():
             name, client = self.replicas[i]
@@ -84,8 +89,9 @@ class ShardReplicas:
             with self._lock:
                 self._preferred = i
                 self._failed_until.pop(i, None)
-                self._served[name] = max(self._served.get(name, 0), serial)
-            return out
+                if serves:
+                    self._served[name] = max(self._served.get(name, 0), serial)
+            return name, out
         raise ShardUnavailable(f"shard {self.name}: no replica answered ({'; '.join(errors)})")
 
     @property
@@ -210,46 +216,45 @@ class ReplicaChanges:
     Every replica of a shard applies the same records, numbered by their log sequence, and
     answers ``changes(ranges)`` with its applied sequence and the highest sequence that wrote into
     the ranges (``store.headrpc``'s ``Changes``; a replica restarted from a checkpoint at C
-    answers at least C).
+    answers at least C). One replica per shard is asked, the one queries read first
+    (``ShardReplicas``' order, with its fallback and its memory of failed replicas), within
+    ``timeout_s``.
 
-    ``token`` asks every replica: per shard, the lowest applied sequence T among those that
-    answer, their names, and the number of the shard's latest call. An evaluation that follows
-    reads each shard from one of its replicas; one that answered here had applied T or more, so
-    the answer holds every record up to T. ``changed`` says changed if a replica that did not
-    answer here (down, restarting, behind a lost connection) answered a call since, if a replica
-    of the shard wrote into the ranges after T, or if no replica of a shard answers; so a replica
-    that came back with less applied cannot leave a stale answer behind. Ranges wholly before every
-    shard's persisted watermark are left to ``persisted`` (they change only in the bucket).
+    ``token``: per shard, the replica that answered, its applied sequence T and the number of the
+    shard's latest call. The evaluation that follows reads the shard from that replica, which
+    holds every record up to T, unless it fails meanwhile: ``changed`` then says changed if
+    another replica served a call since (it may have applied less). Otherwise an answer is
+    changed once any replica of the shard applied a record after T that wrote into its ranges,
+    or if no replica of a shard answers. A replica that lags tells of a write later, as a query
+    read from it would show it later. Ranges wholly before every shard's persisted watermark are
+    left to ``persisted`` (they change only in the bucket).
     """
 
     def __init__(self, shards: Sequence[ShardReplicas], pool: ThreadPoolExecutor,
-                 persisted: PersistedHeads | None = None) -> None:
+                 persisted: PersistedHeads | None = None, timeout_s: float = 2.0) -> None:
         self._shards = list(shards)
         self._pool = pool
         self._persisted = persisted
+        self._timeout_s = timeout_s
 
-    def _ask(self, ranges: Sequence[tuple[int, int]]) -> list[dict[str, tuple[int, int]]]:
-        """Per shard, the ``changes`` answer of every replica that answers."""
-        def one(client: ReplicaClient) -> tuple[int, int] | None:
+    def _ask(self, ranges: Sequence[tuple[int, int]]) -> list[tuple[str, tuple[int, int]] | None]:
+        """Per shard, ``(replica, its changes answer)``, None if no replica answered."""
+        def one(shard: ShardReplicas) -> tuple[str, tuple[int, int]] | None:
             try:
-                return client.changes(ranges)
+                return shard.call_named(lambda c: c.changes(ranges, self._timeout_s), serves=False)  # type: ignore[return-value]
             except StorageError:
                 return None
 
-        futures = [[(name, self._pool.submit(one, c)) for name, c in s.replicas] for s in self._shards]
-        out = []
-        for fs in futures:
-            answers = {name: f.result() for name, f in fs}
-            out.append({name: a for name, a in answers.items() if a is not None})
-        return out
+        return list(self._pool.map(one, self._shards))
 
     def token(self) -> tuple | None:
         serials = [s.serial for s in self._shards]
         token = []
-        for answers, serial in zip(self._ask(()), serials):
-            if not answers:
+        for answer, serial in zip(self._ask(()), serials):
+            if answer is None:
                 return None  # a shard nobody answers for: nothing evaluated now may be kept
-            token.append((min(applied for applied, _ in answers.values()), frozenset(answers), serial))
+            name, (applied, _) = answer
+            token.append((applied, name, serial))
         return tuple(token)
 
     def changed(self, token: object, ranges: Sequence[tuple[int, int]]) -> bool:
@@ -257,9 +262,9 @@ class ReplicaChanges:
             return True
         if self._persisted is not None and not self._persisted.changed(None, ranges):
             return False  # before every shard's persisted watermark: the heads no longer change there
-        for shard, answers, (applied, names, serial) in zip(self._shards, self._ask(ranges), token):  # type: ignore[misc]
-            if not answers or not shard.served_since(serial) <= names:
+        for shard, answer, (applied, name, serial) in zip(self._shards, self._ask(ranges), token):  # type: ignore[misc]
+            if answer is None or not shard.served_since(serial) <= {name}:
                 return True
-            if max(last for _, last in answers.values()) > applied:
+            if answer[1][1] > applied:
                 return True
         return False

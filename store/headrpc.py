@@ -709,12 +709,12 @@ class RemoteHead:
             raise self._error("Status", e) from None
         return decode_status(msg)
 
-    def changes(self, ranges: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    def changes(self, ranges: Sequence[tuple[int, int]], timeout_s: float | None = None) -> tuple[int, int]:
         """``(applied log sequence, highest log sequence that wrote into any of ranges)`` of the
-        replica (answers while not ready too)."""
+        replica (answers while not ready too), within ``timeout_s`` (default ``self.timeout_s``)."""
         req = encode_changes_request([(_clamp(a), _clamp(b)) for a, b in ranges])
         try:
-            msg = self._changes_rpc(req, timeout=self.timeout_s)
+            msg = self._changes_rpc(req, timeout=self.timeout_s if timeout_s is None else timeout_s)
         except grpc.RpcError as e:
             raise self._error("Changes", e) from None
         return decode_changes(msg)

@@ -222,7 +222,7 @@ class LogReplica(Replica):
         self.head.append(decode(encode(series)), 10_000, change_seq=seq)
         self.applied = seq
 
-    def changes(self, ranges):
+    def changes(self, ranges, timeout_s=None):
         self._check()
         t = self.head.changes
         return self.applied, max((t.last_change(a, b) for a, b in ranges), default=t.floor)
@@ -319,3 +319,19 @@ def test_replica_changes_after_a_restart_count_everything_up_to_the_checkpoint_a
         r.head.changes.floor = r.applied = 7
     assert query() == THREE and len(calls) == 2
     assert query() == THREE and len(calls) == 2  # kept again, at 7
+
+
+def test_replica_changes_ask_one_replica_per_shard_and_pass_over_a_dead_one(pool):
+    """A lookup asks the replica queries read first; one that is down is passed over (and then
+    tried last), so answers stay cached while a shard has a replica."""
+    reps, shards = _log_cluster()
+    r0, r1 = reps
+    query, calls = _front(shards, pool)
+    assert query() == THREE and len(calls) == 1
+    before = r1.calls
+    assert query() == THREE and len(calls) == 1
+    assert r1.calls == before  # r0 answered for the shard
+    r0.down = True
+    assert query() == THREE and len(calls) == 1  # r1 answers in r0's place: still cached
+    r1.apply(4, [([("__name__", "m"), ("i", "late")], [(5000, 1.0)])])  # a late write, r0 still down
+    assert query() == [3.0] + [4.0] * 6 and len(calls) == 2
