@@ -686,11 +686,16 @@ class _Reader:
     them up together). A replica keeping up and lingering between calls thus costs one request
     and a few wake-ups per call, whatever it fetches. (nats-py's own ``fetch`` sent two requests
     per call, kept the second open and waited for every message through ``asyncio.wait_for``.)
+    Every request has its own reply subject, so the late end of an earlier request (the expiry
+    of one a previous call stopped waiting for) does not end the current one; a waiting request
+    the server ends early (no responders while the consumer starts, a leadership change) is made
+    again after ``RETRY_PAUSE_S``, until the caller's timeout.
     """
 
     INACTIVE_S = 600.0
     DELETE_ATTEMPT_S = 2.0  # deleting a consumer whose server died is not answered, yet done
     MIN_EXPIRES_S = 0.01  # the shortest wait for a next record worth a request
+    RETRY_PAUSE_S = 0.05  # before asking again when the server ended a waiting request early
 
     def __init__(self, client: NatsConnection, stream: str, durable: str | None, start_seq: int,
                  timeout_s: float, prefetch: int = 256) -> None:
@@ -709,11 +714,13 @@ class _Reader:
         self._sub: Any = None
         self._recreate = False
         self._pull_subject = ""
-        self._inbox = ""
+        self._inbox = ""  # prefix of the requests' reply subjects: <inbox><request number>
+        self._requests = 0
+        self._reply = ""  # the reply subject of the last request: only its status ends a wait
         self._generation = 0
         # Delivered and not yet returned: (stream sequence, data, num_pending), appended on the
-        # loop thread. ``_ended``: a status ended a request since the last one was made;
-        # ``_error``: a status that ends the consumer.
+        # loop thread (records of any request: they come in stream order). ``_ended``: the last
+        # request's status ended it; ``_error``: a status that ends the consumer.
         self._buf: collections.deque[tuple[int, bytes, int]] = collections.deque()
         self._cond = threading.Condition()
         self._ended = False
@@ -756,14 +763,14 @@ class _Reader:
                              f"create {what}")
         self._consumer = info.name
         self._pull_subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{info.name}"
-        self._inbox = c.nc.new_inbox()
+        self._inbox = c.nc.new_inbox() + "."
         generation = self._generation
 
         async def on_msg(msg: Any) -> None:
             if generation == self._generation:
                 self._on_msg(msg)
 
-        self._sub = await c.nc.subscribe(self._inbox, cb=on_msg)
+        self._sub = await c.nc.subscribe(self._inbox + "*", cb=on_msg)
 
     async def _check_not_truncated(self, seq: int) -> None:
         state = await self._client.stream_state(self.stream, self._timeout_s)
@@ -791,17 +798,21 @@ class _Reader:
             elif status == "409" and "deleted" in headers.get(api.Header.DESCRIPTION, "").lower():
                 self._error = WALError(f"consumer {self._consumer} of stream {self.stream}: "
                                        f"{headers.get(api.Header.DESCRIPTION)}")
+            elif msg.subject != self._reply:
+                # The end of an earlier request (e.g. the expiry of one the last fetch stopped
+                # waiting for) arriving after the next was made: it does not end that one.
+                return
             else:
                 # 404 (nothing to send), 408 (expired) or another 409 (leadership change, limits):
                 # the request is over; the next call makes another.
                 self._ended = True
             self._cond.notify()
 
-    def _publish_soon(self, payload: bytes) -> None:
-        """Sends a pull request from the loop thread; a failure (reconnecting) only means no
-        records come for it, which the caller's timeout covers."""
+    def _publish_soon(self, payload: bytes, inbox: str) -> None:
+        """Sends a pull request from the loop thread, its answers to ``inbox``; a failure
+        (reconnecting) only means no records come for it, which the caller's timeout covers."""
         nc = self._client.nc
-        subject, inbox = self._pull_subject, self._inbox
+        subject = self._pull_subject
 
         async def send() -> None:
             try:
@@ -820,7 +831,9 @@ class _Reader:
         each), its end, or an error, at once."""
         self._ended = False
         self._wake_at = wake_at
-        self._client._loop.call_soon_threadsafe(self._publish_soon, payload)
+        self._requests += 1
+        self._reply = f"{self._inbox}{self._requests}"
+        self._client._loop.call_soon_threadsafe(self._publish_soon, payload, self._reply)
 
     def _wait(self, deadline: float) -> None:
         """Under ``_cond``: waits until the last request's ``wake_at`` records are buffered, its
@@ -848,10 +861,16 @@ class _Reader:
                 self._request(b'{"batch":%d,"no_wait":true}' % batch, batch)
                 self._wait(deadline)
                 expires = deadline - time.monotonic()
-                if not self._buf and self._error is None and expires >= self.MIN_EXPIRES_S:
-                    # Nothing yet: wait for the next record.
+                while not self._buf and self._error is None and expires >= self.MIN_EXPIRES_S:
+                    # Nothing yet: wait for the next record. A request the server ends early
+                    # (no responders while a new consumer starts, a leadership change) is made
+                    # again after a pause, until the caller's timeout.
                     self._request(b'{"batch":1,"expires":%d}' % int(expires * 1e9), 1)
                     self._wait(deadline)
+                    if self._buf or self._error is not None:
+                        break
+                    self._cond.wait(min(self.RETRY_PAUSE_S, max(0.0, deadline - time.monotonic())))
+                    expires = deadline - time.monotonic()
             if self._error is not None and not self._buf:
                 error, self._error = self._error, None
                 raise error

@@ -172,6 +172,66 @@ def test_fetch_waits_for_the_next_record(cluster, nlog, stream):
         c.close(delete=True)
 
 
+def test_only_the_last_requests_status_ends_a_wait(cluster, nlog, stream):
+    """A pull request's end (404, 408) reaches the reader on that request's own reply subject:
+    the server's "no messages" ends the request that asked, and the expiry of an earlier request
+    (one a previous fetch stopped waiting for) arriving late does not end the current one."""
+    c = NatsConsumer(cluster.urls, stream, "r0", 1)
+    reader = c._reader
+    try:
+        with reader._cond:
+            reader._request(b'{"batch":5,"no_wait":true}', 5)
+            reader._wait(time.monotonic() + 10)
+            assert reader._ended  # the server's 404 for this request, on its reply subject
+
+        class Status:
+            def __init__(self, subject: str, code: str) -> None:
+                self.subject, self.headers, self.data, self.reply = subject, {"Status": code}, b"", ""
+
+        with reader._cond:
+            reader._request(b'{"batch":1,"expires":30000000000}', 1)
+            earlier = reader._reply
+            reader._request(b'{"batch":1,"expires":30000000000}', 1)
+        reader._on_msg(Status(earlier, "408"))
+        assert not reader._ended
+        reader._on_msg(Status(reader._reply, "408"))
+        assert reader._ended
+    finally:
+        c.close(delete=True)
+
+
+def test_a_waiting_fetch_ended_early_by_the_server_asks_again(cluster, nlog, stream):
+    """A waiting request the server ends at once (503 no responders while a new consumer starts,
+    409 leadership change) does not end the fetch before its timeout: it asks again."""
+    c = NatsConsumer(cluster.urls, stream, "r0", 1)
+    reader = c._reader
+    got: list = []
+    try:
+        t = threading.Thread(target=lambda: got.extend(c.fetch(10, 20.0)))
+        t.start()
+
+        def wait_for_requests(n: int) -> None:
+            deadline = time.monotonic() + 10
+            while reader._requests < n:
+                assert time.monotonic() < deadline, f"{reader._requests} pull requests, not {n}; fetched {got}"
+                time.sleep(0.01)
+
+        wait_for_requests(2)  # the no_wait request, then the waiting one
+
+        class Status:
+            subject, data, reply = reader._reply, b"", ""
+            headers = {"Status": "503"}
+
+        reader._on_msg(Status())
+        wait_for_requests(3)  # asked again
+        assert t.is_alive() and not got  # still waiting
+        nlog.append(record(0))
+        t.join(20)
+        assert got == [(1, record(0))]
+    finally:
+        c.close(delete=True)
+
+
 def test_fetch_from_a_deleted_consumer_raises(cluster, nlog, stream):
     nlog.append(record(0))
     c = NatsConsumer(cluster.urls, stream, "r0", 1)
