@@ -115,7 +115,11 @@ sixth session, plus ~0.26 for publishing), NATS 1.1 (three R3 messages per 2000-
 request), the nine replicas fed straight into the streams 0.99-1.21 (``replica_hosts.py``; the
 same with three replicas per process). Longer replica batches (``fetch_linger_s`` 1 s,
 ``fetch_batch`` 256) took the replicas from 1.62-1.88 to 1.53-1.55 in two alternating pairs
-(store column) and did not move the ratio (0.36-0.41 against 0.37-0.38).
+(store column) and did not move the ratio (0.36-0.41 against 0.37-0.38). At d0f7f00 (load 0.2):
+cluster 3.37 (adapter 0.99, NATS 1.03, replicas 1.35), 518 293 samples/s; single node 0.87,
+1 309 304 samples/s; ratio 0.396. (From 16:56 UTC on 2026-11-30 the dump's timestamps lie in a
+closed 28 h window: the compactors then read it from the first replica of each shard during the
+run, which adds ~70 MiB to those replicas' RSS.)
 
 At 2 connections the cluster is CPU-bound here (16 processes and the load generator on 2 cores):
 latency p50 14-15 ms per request against 4 ms for the single node.
