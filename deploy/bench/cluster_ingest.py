@@ -138,12 +138,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from procstat import cpu_s  # noqa: E402 (beside this script)
+from benchlib import cluster_shards, cpu_s, wait_caught_up  # noqa: E402 (beside this script)
 BENCH = os.environ.get("BENCH", os.path.join(os.path.dirname(ROOT), "shared", "bench"))
 
 
@@ -259,19 +258,9 @@ def main() -> int:
             many = _replay(cluster.write_url, dump, args.concurrency)
             during = _cpu_by_role(pids, before, many["samples_accepted"])
             port = cluster.processes["querier"].http
-
-            def lags() -> list[int]:
-                with urllib.request.urlopen(f"http://{port}/api/v1/status/cluster", timeout=30) as r:
-                    shards = json.loads(r.read())["data"]["shards"]
-                return [rep.get("lag", -1) for s in shards for rep in s["replicas"]]
-
-            t0 = time.monotonic()
-            while any(lag != 0 for lag in lags()):
-                time.sleep(1)
-            caught_up_s = time.monotonic() - t0
+            caught_up_s = wait_caught_up(port)
             total = _cpu_by_role(pids, before, many["samples_accepted"])
-            with urllib.request.urlopen(f"http://{port}/api/v1/status/cluster", timeout=30) as r:
-                shards = json.loads(r.read())["data"]["shards"]
+            shards = cluster_shards(port)
             per_replica = []
             for s in shards:
                 for rep in s["replicas"]:

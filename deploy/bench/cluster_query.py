@@ -19,25 +19,18 @@ requests, 100 k series), 20 s at concurrency 2. The last hour is in the heads:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
+
+from benchlib import wait_caught_up  # noqa: E402 (beside this script)
+
 BENCH = os.environ.get("BENCH", os.path.join(os.path.dirname(ROOT), "shared", "bench"))
-
-
-def _caught_up(querier: str) -> bool:
-    with urllib.request.urlopen(f"http://{querier}/api/v1/status/cluster", timeout=30) as r:
-        shards = json.loads(r.read())["data"]["shards"]
-    return all(rep.get("lag") == 0 and rep.get("applied_seq") == rep.get("stream_last_seq")
-               for s in shards for rep in s["replicas"])
 
 
 def main() -> int:
@@ -55,8 +48,7 @@ def main() -> int:
         subprocess.run([sys.executable, os.path.join(BENCH, "rwload.py"), "--url", cluster.write_url,
                         "--replay", args.dump], check=True, capture_output=True)
         querier = cluster.processes["querier"].http
-        while not _caught_up(querier):
-            time.sleep(1)
+        wait_caught_up(querier)
         p = subprocess.run([sys.executable, os.path.join(BENCH, "qload.py"), "--url", f"http://{querier}",
                             "--meta", os.path.join(os.path.abspath(args.dump), "meta.json"),
                             "--duration", str(args.duration), "--concurrency", str(args.concurrency)],

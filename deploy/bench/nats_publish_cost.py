@@ -48,7 +48,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from procstat import cpu_s  # noqa: E402 (beside this script)
+from benchlib import cpu_s  # noqa: E402 (beside this script)
 
 _RUNS = itertools.count()
 SETUPS = ("none", "r3-ack", "r3-noack", "r1-mem-noack")

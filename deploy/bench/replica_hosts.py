@@ -42,7 +42,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from procstat import cpu_s  # noqa: E402 (beside this script)
+from benchlib import cpu_s  # noqa: E402 (beside this script)
 
 
 def host(urls: list[str], spec: list[list[str]], work: str, control: str, options: dict) -> None:

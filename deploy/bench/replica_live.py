@@ -30,12 +30,11 @@ import shutil
 import sys
 import tempfile
 import time
-import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from procstat import cpu_s  # noqa: E402 (beside this script)
+from benchlib import cpu_s, wait_caught_up  # noqa: E402 (beside this script)
 
 
 def run(records: list[bytes], per_round: int, samples: int, rate: float) -> float:
@@ -64,13 +63,7 @@ def run(records: list[bytes], per_round: int, samples: int, rate: float) -> floa
             last = lg.last_seq()
         finally:
             lg.close()
-        port = cluster.processes["querier"].http
-        while True:
-            with urllib.request.urlopen(f"http://{port}/api/v1/status/cluster", timeout=30) as resp:
-                replica = json.loads(resp.read())["data"]["shards"][0]["replicas"][0]
-            if replica.get("applied_seq", 0) >= last:
-                break
-            time.sleep(0.2)
+        wait_caught_up(cluster.processes["querier"].http, through=last)
         return (cpu_s(pid) - c0) * 1e6 / samples
     finally:
         cluster.stop()
