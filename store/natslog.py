@@ -918,17 +918,24 @@ class _Reader:
         self._consumer = None
 
 
-async def _cancel_other_tasks() -> None:
-    """Cancels every other task of the running loop and waits (1 s at most) until they ended."""
+async def _cancel_other_tasks(within_s: float = 1.5) -> None:
+    """Cancels every other task of the running loop and waits (``within_s`` at most) until they
+    ended. A task that swallowed its cancellation and went on (nats-py's reconnect loop does, when
+    the cancel meets a connection attempt that just failed) is cancelled again."""
     me = asyncio.current_task()
     tasks = [t for t in asyncio.all_tasks() if t is not me]
-    for t in tasks:
-        t.cancel()
-    if tasks:
-        done, _ = await asyncio.wait(tasks, timeout=1.0)
-        for t in done:  # what they failed with while ending is no news: retrieved, not logged
-            if not t.cancelled():
-                t.exception()
+    deadline = asyncio.get_running_loop().time() + within_s
+    pending = set(tasks)
+    while pending:
+        for t in pending:
+            t.cancel()
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            break
+        _, pending = await asyncio.wait(pending, timeout=min(left, 0.1))
+    for t in tasks:  # what they failed with while ending is no news: retrieved, not logged
+        if t.done() and not t.cancelled():
+            t.exception()
 
 
 def _delivery(reply: str) -> tuple[int, int]:

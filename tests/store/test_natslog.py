@@ -21,7 +21,7 @@ from nats.js.api import AckPolicy
 from tests.conftest import require_nats
 from store.errors import DecodeError, LogTruncated, LogUnavailable, WALError
 from store.natscluster import NatsCluster, free_ports
-from store.natslog import NatsConnection, NatsConsumer, NatsLog, _delivery, wait_future
+from store.natslog import NatsConnection, NatsConsumer, NatsLog, _cancel_other_tasks, _delivery, wait_future
 
 
 @pytest.fixture(scope="module")
@@ -423,6 +423,31 @@ def test_unavailable_when_all_servers_die_then_recovers(tmp_path):
             lg.close()
     finally:
         single.stop()
+
+
+def test_closing_cancels_again_a_task_that_swallowed_its_cancellation():
+    """As nats-py's reconnect loop does when a cancel meets a connection attempt that just failed:
+    the task catches the first CancelledError and goes on waiting. Closing cancels it again, so it
+    ends rather than being left pending on a loop about to close."""
+    swallowed = []
+
+    async def reconnecting() -> None:
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if swallowed:
+                    raise
+                swallowed.append(True)
+
+    async def main() -> tuple[bool, bool]:
+        task = asyncio.get_running_loop().create_task(reconnecting())
+        await asyncio.sleep(0)
+        await _cancel_other_tasks(within_s=1.0)
+        return task.done(), task.cancelled()  # before asyncio.run's own clean-up cancels anything
+
+    assert asyncio.run(main()) == (True, True)
+    assert swallowed == [True]
 
 
 def test_closing_while_the_servers_are_gone_leaves_no_task_behind(tmp_path, caplog):
