@@ -389,11 +389,15 @@ class Compactor:
         return end + self._grace < self._now()
 
     def _has_data(self, mint: int, maxt: int) -> bool:
-        """Whether the source holds a sample with ``mint <= t <= maxt`` (a selection, not decoded)."""
+        """Whether the source holds a series with samples in ``[mint, maxt]``.
+
+        Asked as the label names of those series, which ``select`` would return: a head replica
+        answers with a few names instead of streaming every series with its chunks.
+        """
         try:
-            return bool(self._source.select([ANY_SERIES], mint, maxt, SelectHints(mint, maxt)))
+            return bool(self._source.label_names([ANY_SERIES], mint, maxt))
         except Exception as err:
-            raise SourceError(f"select from the source over [{mint}, {maxt}]: {type(err).__name__}: {err}") from err
+            raise SourceError(f"label names from the source over [{mint}, {maxt}]: {type(err).__name__}: {err}") from err
 
     def _sync(self, result: RunResult) -> None:
         """Refreshes the catalog and passes the watermark on, after verifying what the head holds."""

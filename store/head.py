@@ -437,7 +437,12 @@ class Head:
             if not matchers and self._overlaps(mint, maxt):
                 return self._postings.label_names()
             refs = self._matching(matchers, mint, maxt)
-            names = {n for r in refs.tolist() for n, _ in self._labels[r]}
+            known = len(self._postings.label_names())
+            names: set[str] = set()
+            for r in refs.tolist():
+                names.update(n for n, _ in self._labels[r])
+                if len(names) == known:  # every name there is: the rest cannot add one
+                    break
         return sorted(names)
 
     def label_values(self, name: str, matchers: Sequence[Matcher], mint: int, maxt: int) -> list[str]:

@@ -115,7 +115,9 @@ class Querier(Protocol):
         """Series matching all ``matchers`` with samples in ``[mint, maxt]``, sorted by labels."""
 
     def label_names(self, matchers: Sequence[Matcher], mint: int, maxt: int) -> list[str]:
-        """Sorted label names of the series matching ``matchers`` (all series if none)."""
+        """Sorted label names of the series matching ``matchers`` with samples in ``[mint, maxt]``
+        (all series if none; then an implementation may answer for more). With matchers, exactly
+        the series ``select`` would return are named: the compactor asks whether a window holds data so."""
 
     def label_values(self, name: str, matchers: Sequence[Matcher], mint: int, maxt: int) -> list[str]:
         """Sorted values of label ``name`` among the series matching ``matchers``."""

@@ -121,6 +121,32 @@ def test_run_once_twice_writes_nothing_new(bucket):
     assert not third.written and not third.marked and _objects(bucket) == objects
 
 
+def test_passes_that_persist_nothing_select_no_series(bucket, tmp_path):
+    """Whether the head holds data in a window is asked as label names: a pass with nothing to
+    persist makes the head (a replica, in cluster mode) send no series and no chunks."""
+    data = dataset(4)
+    compactor(TruncatingSource(make_head(data)), bucket, Clock(6 * WINDOW)).run_once()
+    restarted = TruncatingSource(make_head(data))  # verifies the blocks the head still holds
+    r = compactor(restarted, bucket, Clock(6 * WINDOW)).run_once()
+    assert not r.written and restarted.calls == [4 * WINDOW]
+    early = TruncatingSource(make_head(data))  # no window closed yet: bisects for the first one
+    assert not compactor(early, FilesystemBucket(tmp_path / "early"), Clock(WINDOW)).run_once().written
+    assert restarted.selects == early.selects == 0
+
+
+def test_a_source_failing_to_name_labels_stops_the_pass(bucket):
+    source = TruncatingSource(make_head(dataset(2)))
+
+    def fail(matchers, mint, maxt):
+        raise ReplicaUnavailable("head replica 127.0.0.1:1: connection refused")
+
+    source.label_names = fail
+    with pytest.raises(SourceError, match=r"label names from the source over \[-9223372036854775808, "
+                                          r"\d+\]: ReplicaUnavailable: head replica 127.0.0.1:1"):
+        compactor(source, bucket, Clock(5 * WINDOW)).run_once()
+    assert not _objects(bucket) and source.calls == [] and source.selects == 0
+
+
 def test_on_persisted_after_each_window_and_on_restart(bucket):
     data = dataset(3)
     source = TruncatingSource(make_head(data))

@@ -197,6 +197,19 @@ def test_label_values(querier, name, matchers, expected):
     assert querier.label_values(name, matchers, MIN, MAX) == expected
 
 
+def test_label_names_with_matchers_follow_the_time_range_as_select_does(querier):
+    """A series is named by ``label_names(matchers, mint, maxt)`` over just the ranges ``select``
+    returns it for: the compactor asks label names to learn whether a window holds data."""
+    first = min(ts[0] for ts, _ in DATA.values())
+    last = max(ts[-1] for ts, _ in DATA.values())
+    m = [_eq("job", "db")]
+    for mint, maxt in [(MIN, first - 1), (MIN, first), (first - 60_000, first + 60_000), (last, MAX),
+                       (last + 1, MAX), (T0 + 100 * STEP, T0 + 100 * STEP + 1)]:
+        selected = querier.select(m, mint, maxt)
+        names = querier.label_names(m, mint, maxt)
+        assert names == (sorted({n for s in selected for n, _ in s.labels}) if selected else []), (mint, maxt)
+
+
 def test_label_queries_outside_the_data_are_empty(querier):
     assert querier.label_names([], 0, 1000) == []
     assert querier.label_values("job", [], 0, 1000) == []
