@@ -390,7 +390,10 @@ class NatsConnection:
             pause = min(pause * 2, 0.5)
 
     async def stream_state(self, stream: str, timeout_s: float) -> StreamState:
-        info = await self.call(lambda: self.jsm.stream_info(stream), timeout_s, f"read state of stream {stream}")
+        """The stream's state, asked until it answers within ``timeout_s``: the JetStream API may
+        time out (nats-py's own 5 s) or answer 503 for a while under load or during an election."""
+        info = await self.retry(lambda: self.jsm.stream_info(stream), time.monotonic() + timeout_s, timeout_s,
+                                f"read state of stream {stream}")
         cluster = info.cluster
         return StreamState(first_seq=info.state.first_seq, last_seq=info.state.last_seq,
                            messages=info.state.messages, bytes=info.state.bytes,

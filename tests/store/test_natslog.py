@@ -15,6 +15,7 @@ import threading
 import time
 import urllib.request
 
+import nats
 import pytest
 from nats.js.api import AckPolicy
 
@@ -276,6 +277,33 @@ def test_last_seq(cluster, nlog, stream):
         assert cluster.index_of(state.leader) in range(3)
     finally:
         c.close()
+
+
+def test_stream_state_asks_again_after_a_timeout_of_the_jetstream_api(cluster, nlog, stream):
+    """Under load the JetStream API may not answer within nats-py's own 5 s (a CI failure of
+    creating a consumer): the state is asked again within the caller's timeout, while an
+    error retrying cannot cure is raised at once."""
+    nlog.append(record(0))
+    conn = NatsConnection(cluster.urls, "state")
+    try:
+        real, calls, timeouts = conn.jsm.stream_info, [], [True]
+
+        async def flaky(name, *args, **kw):
+            calls.append(name)
+            if timeouts:
+                timeouts.pop()
+                raise nats.errors.TimeoutError
+            return await real(name, *args, **kw)
+
+        conn.jsm.stream_info = flaky
+        state = conn.run(conn.stream_state(stream, 10.0), 11.0, "state")
+        assert (state.last_seq, calls) == (1, [stream, stream])
+        calls.clear()
+        with pytest.raises(WALError, match="read state of stream nope") as err:
+            conn.run(conn.stream_state("nope", 10.0), 11.0, "state")
+        assert not isinstance(err.value, LogUnavailable) and calls == ["nope"]
+    finally:
+        conn.close()
 
 
 def test_purge_below(cluster, nlog, stream):
