@@ -121,6 +121,16 @@ cluster 3.37 (adapter 0.99, NATS 1.03, replicas 1.35), 518 293 samples/s; single
 closed 28 h window: the compactors then read it from the first replica of each shard during the
 run, which adds ~70 MiB to those replicas' RSS.)
 
+Session of 2026-11-30 (eighth): the compactors ask label names, not a selection, to learn whether
+a window holds data (3861a9b). With the old dump (its window closed) the first replicas were at
+11.0 KiB per series against 10.7-10.8 (12.7-13.0 before); with a dump made anew (data ending
+now, /tmp/bench/dump-100k-b) every replica is at 10.4-10.6 KiB (4.3-4.5 above empty). Whole dump:
+
+    run (load before)        adapter  NATS  9 replicas  total  samples/s  p50/p99 ms  single: samples/s  CPU  ratio
+    old dump (3.3)              0.99  1.11        1.44   3.59    492 182   6.5 / 27          1 256 636  0.91  0.392
+    new dump (0.5)              1.13  1.54        1.57   4.25    411 297   7.9 / 32          1 183 906  0.95  0.347
+    new dump (3.1)              0.99  1.16        1.31   3.46    514 848   6.4 / 25          1 350 806  0.84  0.381
+
 At 2 connections the cluster is CPU-bound here (16 processes and the load generator on 2 cores):
 latency p50 14-15 ms per request against 4 ms for the single node.
 Replica RSS: ~300 MiB with 33.5 k series after the run, ~128 MiB of it before (an empty head).
