@@ -227,6 +227,9 @@ class LocalCluster:
         """Until ``stop`` is set: reports every process that exits (a crash, a ``kill -9``) and,
         with ``restart``, starts it again as a Kubernetes StatefulSet would: at once after a
         process ran for a minute, else after 1 s, 2 s, ... up to 30 s."""
+        def longer(pause: float) -> float:  # 1 s, 2 s, 4 s, ... up to 30 s
+            return min(max(2 * pause, 1.0), 30.0)
+
         backoff: dict[str, float] = {}
         started: dict[str, float] = {}
         due: dict[str, float] = {}  # a process that exited is started again at this time
@@ -244,7 +247,7 @@ class LocalCluster:
                 if name not in due:
                     print(f"{name} {how()}", file=out, flush=True)
                     ran = now - started.get(name, now - 60)
-                    backoff[name] = 0.0 if ran >= 60 else min(max(2 * backoff.get(name, 0.0), 1.0), 30.0)
+                    backoff[name] = 0.0 if ran >= 60 else longer(backoff.get(name, 0.0))
                     due[name] = now + backoff[name] if restart else float("inf")
                 if due[name] > now:
                     continue
@@ -252,7 +255,7 @@ class LocalCluster:
                     start()
                 except Exception as e:  # e.g. a NATS server not ready in time: try again later
                     print(f"restarting {name} failed: {e}", file=out, flush=True)
-                    backoff[name] = min(max(2 * backoff[name], 1.0), 30.0)
+                    backoff[name] = longer(backoff[name])
                     due[name] = time.monotonic() + backoff[name]
                     continue
                 print(f"{name} restarted", file=out, flush=True)

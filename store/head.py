@@ -350,7 +350,7 @@ class Head:
         self._table = table
 
     def _append_samples(self, req: WriteRequest, refs: np.ndarray, bounds: tuple[int, int],
-                        result: AppendResult, change_seq: int | None = None) -> None:
+                        result: AppendResult, change_seq: int | None) -> None:
         n = req.num_samples
         if n == 0:
             return
